@@ -1,0 +1,1 @@
+"""Triton kernels of rgkern and the host functions that launch them (installed as rgkern.kernels)."""

@@ -1,0 +1,65 @@
+"""Backend dispatch for the per-sublayer ops.
+
+``backend="torch"`` runs :mod:`rgkern.reference`; ``"triton"`` the Triton kernels behind
+their autograd Functions (:mod:`rgkern.triton_ops`); ``"auto"`` the kernels on CUDA tensors
+and the reference elsewhere. Names, shapes and conventions are those of
+:mod:`rgkern.reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton")
+
+__all__ = ["BACKENDS", "check_backend", "resolve_backend", "gather_patches", "scatter_patches", "affine_coupling"]
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The concrete backend (``"torch"`` or ``"triton"``) for ``tensor``."""
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    if backend == "triton" and not tensor.is_cuda and not triton_interpreter_enabled():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got a tensor on {tensor.device}; move the model "
+            "and data to a GPU, use backend='auto' or 'torch', or set TRITON_INTERPRET=1 before "
+            "importing triton to run the kernels in Triton's CPU interpreter"
+        )
+    return backend
+
+
+def _kernels():
+    from . import triton_ops
+
+    return triton_ops
+
+
+def gather_patches(x, row_index, backend="torch"):
+    if backend == "triton":
+        return _kernels().gather_patches(x, row_index)
+    return reference.gather_patches(x, row_index)
+
+
+def scatter_patches(x, rows, row_index, backend="torch"):
+    if backend == "triton":
+        return _kernels().scatter_patches(x, rows, row_index)
+    return reference.scatter_patches(x, rows, row_index)
+
+
+def affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse=False, backend="torch"):
+    if backend == "triton":
+        return _kernels().affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
+    return reference.affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)

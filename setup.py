@@ -1,0 +1,16 @@
+from setuptools import setup
+
+# The Triton kernels live in the top-level folder kernels/ (the layout of the product brief)
+# and install as the subpackage rgkern.kernels, so rgkern does not claim the generic
+# top-level import name "kernels".
+setup(
+    name="rgkern",
+    version="0.1.0",
+    description="Kernel-accelerated RG-Flow: a hierarchical, local normalizing flow",
+    packages=["rgkern", "rgkern.kernels"],
+    package_dir={"rgkern": "rgkern", "rgkern.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "einops", "tqdm", "pillow", "matplotlib", "safetensors"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["rgkern=rgkern.__main__:main"]},
+)
