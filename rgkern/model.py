@@ -133,12 +133,18 @@ def _per_level(name: str, value, num_levels: int) -> tuple[int, ...]:
     return values
 
 
+def default_n_layers(num_levels: int) -> tuple[int, ...]:
+    """The paper's ``(8, 6, 4, 2)`` blocks per level for H = 4, continued with 2 above."""
+    return tuple(max(2, 8 - 2 * h) for h in range(num_levels))
+
+
 class RGFlow(nn.Module):
     """RG-Flow normalizing flow on ``(B, C, L, L)`` images, ``L = kernel_size * 2**n``.
 
     Args:
         image_size: L. channels: C. kernel_size: k (patch edge, even).
-        n_layers: RNVP blocks per sublayer, an int or one per level (len H).
+        n_layers: RNVP blocks per sublayer, an int or one per level (len H); ``None`` is the
+            paper's ``(8, 6, 4, 2)`` at H = 4 and ``max(2, 8 - 2h)`` per level otherwise.
         hidden, n_res, n_mlp: width, residual blocks and hidden layers of the s/t networks,
             an int or one per level; both sublayers of a level share the level's values.
         prior: ``"laplace"`` (default) or ``"gaussian"``.
@@ -153,7 +159,7 @@ class RGFlow(nn.Module):
         image_size: int = 32,
         channels: int = 3,
         kernel_size: int = 4,
-        n_layers=(8, 6, 4, 2),
+        n_layers=None,
         hidden=512,
         n_res=4,
         n_mlp=2,
@@ -163,6 +169,8 @@ class RGFlow(nn.Module):
         super().__init__()
         self.geometry = get_geometry(image_size, kernel_size, channels)
         H = self.geometry.num_levels
+        if n_layers is None:
+            n_layers = default_n_layers(H)
         if isinstance(n_layers, Sequence) and len(n_layers) != H:
             raise ValueError(
                 f"n_layers has {len(n_layers)} entries {tuple(n_layers)}, but image_size={image_size} "
