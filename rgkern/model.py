@@ -293,17 +293,41 @@ class RGFlow(nn.Module):
         return table[self.geometry.latent_level_of_elements(device)]
 
     def sample_latents(self, n: int, temperature=1.0, generator=None, device=None, dtype=None) -> torch.Tensor:
-        """Draw ``(n, C, L, L)`` latents from the prior at a temperature (float or one per level)."""
+        """Draw ``(n, C, L, L)`` latents from the prior at a temperature (float or one per level).
+
+        Sample ``i`` gets the ``i``-th draw from ``generator``: drawing ``a`` then ``b``
+        samples gives the same latents as drawing ``a + b`` at once.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"number of samples must be a positive int, got {n!r}")
         param = self._param()
         device = param.device if device is None else torch.device(device)
         dtype = param.dtype if dtype is None else dtype
         temps = self.temperature_map(temperature, device, dtype)
-        shape = (n, self.channels, self.image_size, self.image_size)
-        return self.prior.sample(shape, temps, generator=generator, device=device, dtype=dtype)
+        # One draw per sample, so the latents of sample i do not depend on how many samples
+        # are drawn per call (chunked sampling reproduces one big batch).
+        shape = (1, self.channels, self.image_size, self.image_size)
+        draws = [self.prior.sample(shape, temps, generator=generator, device=device, dtype=dtype) for _ in range(n)]
+        return torch.cat(draws)
 
-    @torch.no_grad()
-    def sample(self, n: int, temperature=1.0, generator=None) -> torch.Tensor:
-        """``n`` samples ``(n, C, L, L)`` in model space; temperature: float or one per level."""
-        return self.decode(self.sample_latents(n, temperature, generator))
+    def sample(self, n: int, temperature=1.0, generator=None, batch_size: int | None = None) -> torch.Tensor:
+        """``n`` samples ``(n, C, L, L)`` in model space; temperature: float or one per level.
+
+        With ``batch_size`` the latents are drawn and decoded in chunks of that many samples
+        (bounding the activation memory); the latents come from ``generator`` in the same
+        order either way, so on the CPU chunked and unchunked sampling give the same images.
+        Runs under ``torch.inference_mode()``. For more samples than fit in memory at once,
+        stream them with :func:`rgkern.sampling.sample_images`.
+        """
+        if batch_size is None:
+            batch_size = n
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        with torch.inference_mode():
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"number of samples must be a positive int, got {n!r}")
+            chunks = [
+                self.decode(self.sample_latents(min(batch_size, n - start), temperature, generator))
+                for start in range(0, n, batch_size)
+            ]
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]

@@ -217,3 +217,12 @@ def test_corrupt_checkpoint_names_file_and_is_left_alone(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         rgkern.checkpoint.load_model(tmp_path / "nope.safetensors")
+
+
+def test_chunked_sampling_reproduces_one_big_batch():
+    model = tiny_model(8, 3, 4)
+    whole = model.sample(10, 0.8, torch.Generator().manual_seed(3))
+    chunked = model.sample(10, 0.8, torch.Generator().manual_seed(3), batch_size=3)
+    assert torch.equal(whole, chunked)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.sample(4, batch_size=0)
