@@ -152,7 +152,10 @@ class Geometry:
         full_key = (key, str(device))
         table = self._device_cache.get(full_key)
         if table is None:
-            table = build().to(device)
+            # Built outside inference mode, or a table first made while sampling could not be
+            # used later in a pass that autograd records.
+            with torch.inference_mode(False):
+                table = build().to(device)
             self._device_cache[full_key] = table
         return table
 
