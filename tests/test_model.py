@@ -55,7 +55,8 @@ def test_laplace_prior_variance_is_temperature_squared():
 
 
 def test_sampling_before_training_leaves_geometry_usable_by_autograd():
-    model = tiny_model(16, 2, 4)  # geometry tables first built inside inference mode
+    rgkern.get_geometry.cache_clear()  # a fresh geometry: its tables get built inside inference mode
+    model = tiny_model(16, 2, 4)
     model.sample(1)
     model.log_prob(random_images(model)).sum().backward()
 
