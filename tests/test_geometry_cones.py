@@ -1,0 +1,168 @@
+"""Inference and generation cones (paper sec. 3.4, 3.5; DESIGN.md section 2).
+
+The cones come from dirty-set propagation in rgkern.geometry; here they are checked against
+brute force (perturb a pixel of a random float64 model and see which latents move, and the
+reverse for generation) and against the counts DESIGN.md section 2 quotes.
+"""
+import pytest
+import torch
+
+import rgkern
+from rgkern.geometry import get_geometry
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(L, k, C, n_layers=2, seed=0):
+    """Tiny float64 model, couplings not the identity; n_layers=2 makes every patch dense.
+
+    (With one RNVP block an updated entry depends on the conditioning half and on itself
+    only, so the true dependency could be narrower than the patch.)
+    """
+    torch.manual_seed(seed)
+    model = rgkern.RGFlow(L, C, k, n_layers=n_layers, hidden=8, n_res=1, n_mlp=1, backend="torch").double()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("s_scale") or name.endswith("t_scale"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def mask_of(L, pixels):
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for i, j in pixels:
+        mask[i % L, j % L] = True
+    return mask
+
+
+def brute_force_inference_cone(model, x, pixels):
+    with torch.no_grad():
+        z = model.encode(x)[0]
+        x2 = x.clone()
+        for i, j in pixels:
+            x2[:, :, i, j] += 0.37
+        return (model.encode(x2)[0] != z).any(dim=1).any(dim=0)
+
+
+def brute_force_generation_cone(model, z, latents):
+    with torch.no_grad():
+        x = model.decode(z)
+        z2 = z.clone()
+        for i, j in latents:
+            z2[:, :, i, j] += 0.37
+        return (model.decode(z2) != x).any(dim=1).any(dim=0)
+
+
+def sample_points(L):
+    return [(0, 0), (L // 2 - 1, L // 2 + 1), (L - 1, 3), (5, L - 2), (L - 1, L - 1)]
+
+
+@pytest.mark.parametrize("L,k,C", [(8, 2, 1), (8, 4, 2), (16, 4, 1)])
+def test_cones_match_brute_force(L, k, C):
+    model = random_model(L, k, C)
+    geometry = model.geometry
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, C, L, L, generator=g, dtype=torch.float64)
+    z = model.encode(x)[0].detach()
+    for point in sample_points(L):
+        mask = mask_of(L, [point])
+        assert torch.equal(geometry.inference_cone(mask), brute_force_inference_cone(model, x, [point])), point
+        assert torch.equal(geometry.generation_cone(mask), brute_force_generation_cone(model, z, [point])), point
+
+
+@pytest.mark.parametrize("L,k", [(8, 2), (16, 4)])
+def test_wrapping_region_cones_match_brute_force(L, k):
+    """Regions across the periodic boundary: a 2x2 block over the corner and a strip over the edge."""
+    model = random_model(L, k, 1)
+    geometry = model.geometry
+    x = torch.randn(1, 1, L, L, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    z = model.encode(x)[0].detach()
+    corner = [(-1, -1), (-1, 0), (0, -1), (0, 0)]
+    strip = [(i, j) for i in (L // 2, L // 2 + 1) for j in (-2, -1, 0, 1)]
+    for pixels in (corner, strip):
+        pixels = [(i % L, j % L) for i, j in pixels]
+        mask = mask_of(L, pixels)
+        assert torch.equal(geometry.inference_cone(mask), brute_force_inference_cone(model, x, pixels))
+        assert torch.equal(geometry.generation_cone(mask), brute_force_generation_cone(model, z, pixels))
+
+
+@pytest.mark.parametrize("L,k", [(16, 4), (32, 4), (16, 2)])
+def test_wrapping_region_is_union_of_its_pixels_and_reaches_both_sides(L, k):
+    geometry = get_geometry(L, k, 1)
+    pixels = [(L - 1, L - 1), (L - 1, 0), (0, L - 1), (0, 0), (L // 2, L - 1), (L // 2, 0)]
+    union = torch.zeros(L, L, dtype=torch.bool)
+    for p in pixels:
+        union |= geometry.inference_cone(mask_of(L, [p]))
+    cone = geometry.inference_cone(mask_of(L, pixels))
+    assert torch.equal(cone, union)
+    # The cone of the corner block straddles the boundary: latents on both sides of it.
+    corner = geometry.inference_cone(mask_of(L, pixels[:4]))
+    assert corner[0, 0] and corner[L - 1, L - 1] and corner[0, L - 1] and corner[L - 1, 0]
+    assert corner[1, 1] and corner[L - 2, L - 2]
+
+
+@pytest.mark.parametrize("L,k", [(8, 2), (16, 4), (16, 2)])
+def test_cones_are_transposes_of_each_other(L, k):
+    """Pixel u is in the generation cone of latent l iff l is in the inference cone of u."""
+    geometry = get_geometry(L, k, 1)
+    n = L * L
+    inference = torch.stack([geometry.inference_cone(torch.eye(n, dtype=torch.bool)[p].view(L, L)).flatten() for p in range(n)])
+    generation = torch.stack([geometry.generation_cone(torch.eye(n, dtype=torch.bool)[p].view(L, L)).flatten() for p in range(n)])
+    assert torch.equal(inference, generation.T)
+
+
+def central_region(L, size=10):
+    region = torch.zeros(L, L, dtype=torch.bool)
+    start = (L - size) // 2
+    region[start : start + size, start : start + size] = True
+    return region
+
+
+def test_central_10x10_region_at_32_reaches_1344_latents():
+    geometry = get_geometry(32, 4, 3)
+    cone = geometry.inference_cone(central_region(32))
+    assert int(cone.sum()) * geometry.channels == 1344
+    assert 3 * 32 * 32 == 3072
+    # Per level: a constant-size share of every level but the top, all of the top level.
+    levels = geometry.levels[cone]
+    assert int((levels == geometry.num_levels - 1).sum()) == int((geometry.levels == geometry.num_levels - 1).sum())
+
+
+def test_patch_evaluations_grow_by_a_constant_per_doubling():
+    """O(log L) work for a fixed region: 60, 85, 110, 135, 160 patches at L = 32 .. 512."""
+    counts, latents, totals = [], [], []
+    for L in (32, 64, 128, 256, 512):
+        geometry = get_geometry(L, 4, 3)
+        region = central_region(L)
+        counts.append(sum(len(p) for p in geometry.inference_patches(region)))
+        latents.append(int(geometry.inference_cone(region).sum()) * 3)
+        totals.append(sum(s.num_patches for s in geometry.sublayers))
+    assert counts == [60, 85, 110, 135, 160]
+    assert totals[-1] == 43690
+    assert len({b - a for a, b in zip(counts, counts[1:])}) == 1
+    assert len({b - a for a, b in zip(latents, latents[1:])}) == 1
+    assert latents[0] == 1344
+
+
+def test_generation_patches_of_a_latent_grow_by_a_constant_per_doubling():
+    counts = []
+    for L in (32, 64, 128):
+        geometry = get_geometry(L, 4, 1)
+        latents = mask_of(L, [(L // 2 + 1, L // 2 + 3)])  # a level-0 latent near the centre
+        counts.append(sum(len(p) for p in geometry.generation_patches(latents)))
+    assert counts[2] - counts[1] == counts[1] - counts[0]
+
+
+def test_cone_masks_are_checked():
+    geometry = get_geometry(8, 4, 1)
+    with pytest.raises(ValueError, match=r"\(8, 8\).*\(4, 4\)"):
+        geometry.inference_cone(torch.zeros(4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        geometry.generation_cone(torch.zeros(8, 8))
