@@ -1,0 +1,373 @@
+"""The Triton kernel path of the per-sublayer ops: autograd Functions and torch.library ops.
+
+Public functions with the signatures of :mod:`rgkern.reference` (``rgkern.ops`` calls them
+for ``backend="triton"``)::
+
+    gather_patches(x, row_index)                                     -> rows (B*P, D)
+    scatter_patches(x, rows, row_index)                              -> image (B, C, L, L)
+    affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse) -> (y (N, D), logdet (N,))
+
+They check their inputs (one check, one message naming the value), make them contiguous
+and call thin ``torch.autograd.Function``\\ s (:class:`GatherPatches`,
+:class:`ScatterPatches`, :class:`AffineCoupling`) whose forward and backward only call the
+host functions in :mod:`rgkern.kernels`.
+
+torch.library: the forward and backward computations are also registered as operators in
+the ``rgkern`` namespace (``torch.ops.rgkern.gather_patches`` and so on, see
+:data:`REGISTRATION`), with ``torch.library.triton_op`` where the installed torch has it
+(torch.compile then sees and can inline the Triton kernels), and as opaque
+``torch.library.custom_op``\\ s with fake (shape) functions when the kernels run in Triton's
+CPU interpreter (``triton_op`` cannot trace interpreted kernels) or torch has no
+``triton_op``. The Functions call the registered operators while ``torch.compile`` traces
+them and the host functions directly in eager mode (no dispatcher overhead); both run the
+same code. The registered operators are not differentiable by themselves: differentiate
+through the public functions.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from .kernels._launch import is_interpreted
+from .kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
+from .kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
+from .kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
+from .reference import logdet_dtype
+
+__all__ = [
+    "gather_patches",
+    "scatter_patches",
+    "affine_coupling",
+    "GatherPatches",
+    "ScatterPatches",
+    "AffineCoupling",
+    "REGISTRATION",
+    "NAMESPACE",
+]
+
+NAMESPACE = "rgkern"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+# Decided when triton decorated the kernels (TRITON_INTERPRET at import time).
+_INTERPRETED = is_interpreted(gather_patches_kernel)
+
+
+# --------------------------------------------------------------------------- operator bodies
+# Plain annotated functions (no ``from __future__ import annotations``: torch.library infers
+# the operator schemas from these annotations).
+def _gather_patches_op(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    return gather_patches_forward(x, row_index)
+
+
+def _gather_patches_backward_op(grad_rows: torch.Tensor, row_index: torch.Tensor, image_shape: list[int]) -> torch.Tensor:
+    return gather_patches_backward(grad_rows, row_index, image_shape)
+
+
+def _scatter_patches_op(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    return scatter_patches_forward(x, rows, row_index)
+
+
+def _scatter_patches_backward_op(grad_out: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scatter_patches_backward(grad_out, row_index)
+
+
+def _affine_coupling_op(
+    x: torch.Tensor,
+    s_raw: torch.Tensor,
+    t_raw: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    mask: torch.Tensor,
+    inverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return affine_coupling_forward(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
+
+
+def _affine_coupling_backward_op(
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    x: torch.Tensor,
+    s_raw: torch.Tensor,
+    t_raw: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    mask: torch.Tensor,
+    inverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return affine_coupling_backward(grad_y, grad_logdet, x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
+
+
+# Shape-only versions for the opaque custom_op registration (triton_op derives its own).
+def _gather_patches_fake(x, row_index):
+    return x.new_empty((x.shape[0] * row_index.shape[0], row_index.shape[1]))
+
+
+def _gather_patches_backward_fake(grad_rows, row_index, image_shape):
+    return grad_rows.new_empty(tuple(image_shape))
+
+
+def _scatter_patches_fake(x, rows, row_index):
+    return torch.empty_like(x)
+
+
+def _scatter_patches_backward_fake(grad_out, row_index):
+    rows = grad_out.new_empty((grad_out.shape[0] * row_index.shape[0], row_index.shape[1]))
+    return torch.empty_like(grad_out), rows
+
+
+def _affine_coupling_fake(x, s_raw, t_raw, s_scale, t_scale, mask, inverse):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
+
+
+def _affine_coupling_backward_fake(grad_y, grad_logdet, x, s_raw, t_raw, s_scale, t_scale, mask, inverse):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(x),
+        torch.empty_like(x),
+        torch.empty_like(s_scale),
+        torch.empty_like(t_scale),
+    )
+
+
+_OPERATORS = {
+    "gather_patches": (_gather_patches_op, _gather_patches_fake),
+    "gather_patches_backward": (_gather_patches_backward_op, _gather_patches_backward_fake),
+    "scatter_patches": (_scatter_patches_op, _scatter_patches_fake),
+    "scatter_patches_backward": (_scatter_patches_backward_op, _scatter_patches_backward_fake),
+    "affine_coupling": (_affine_coupling_op, _affine_coupling_fake),
+    "affine_coupling_backward": (_affine_coupling_backward_op, _affine_coupling_backward_fake),
+}
+
+
+def _register(name: str, body, fake):
+    """Register ``rgkern::name``; returns (how, the operator or None)."""
+    qualified = f"{NAMESPACE}::{name}"
+    library = torch.library
+    try:
+        if not _INTERPRETED and hasattr(library, "triton_op") and hasattr(library, "wrap_triton"):
+            return "triton_op", library.triton_op(qualified, body, mutates_args=())
+        if hasattr(library, "custom_op"):
+            op = library.custom_op(qualified, body, mutates_args=())
+            op.register_fake(fake)
+            return "custom_op", op
+        return "unregistered: this torch has neither torch.library.triton_op nor custom_op", None
+    except Exception as error:  # e.g. registered twice after importlib.reload
+        return f"unregistered: {type(error).__name__}: {error}", None
+
+
+#: How each operator was registered: ``"triton_op"``, ``"custom_op"`` or ``"unregistered: why"``.
+REGISTRATION: dict = {}
+_REGISTERED_OPS: dict = {}
+for _name, (_body, _fake) in _OPERATORS.items():
+    REGISTRATION[_name], _op = _register(_name, _body, _fake)
+    if _op is not None:
+        _REGISTERED_OPS[_name] = _op
+del _name, _body, _fake, _op
+
+
+def _run(name: str, *args):
+    """The registered operator while torch.compile traces, the host function otherwise."""
+    if name in _REGISTERED_OPS and torch.compiler.is_compiling():
+        return getattr(getattr(torch.ops, NAMESPACE), name)(*args)
+    return _OPERATORS[name][0](*args)
+
+
+# --------------------------------------------------------------------------- autograd Functions
+class GatherPatches(torch.autograd.Function):
+    """rows = gather_patches(x, row_index); inputs contiguous and validated by the caller."""
+
+    @staticmethod
+    def forward(ctx, x, row_index):
+        ctx.save_for_backward(row_index)
+        ctx.image_shape = list(x.shape)
+        return _run("gather_patches", x, row_index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        (row_index,) = ctx.saved_tensors
+        return _run("gather_patches_backward", grad_rows.contiguous(), row_index, ctx.image_shape), None
+
+
+class ScatterPatches(torch.autograd.Function):
+    """image = scatter_patches(x, rows, row_index); inputs contiguous and validated by the caller."""
+
+    @staticmethod
+    def forward(ctx, x, rows, row_index):
+        ctx.save_for_backward(row_index)
+        return _run("scatter_patches", x, rows, row_index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (row_index,) = ctx.saved_tensors
+        grad_x, grad_rows = _run("scatter_patches_backward", grad_out.contiguous(), row_index)
+        return grad_x, grad_rows, None
+
+
+class AffineCoupling(torch.autograd.Function):
+    """(y, logdet) = affine_coupling(...); inputs contiguous and validated by the caller.
+
+    Gradients flow to x, s_raw, t_raw, s_scale and t_scale; the mask is a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s_raw, t_raw, s_scale, t_scale, mask, inverse):
+        ctx.save_for_backward(x, s_raw, t_raw, s_scale, t_scale, mask)
+        ctx.inverse = bool(inverse)
+        return _run("affine_coupling", x, s_raw, t_raw, s_scale, t_scale, mask, bool(inverse))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_logdet):
+        x, s_raw, t_raw, s_scale, t_scale, mask = ctx.saved_tensors
+        grads = _run(
+            "affine_coupling_backward",
+            grad_y.contiguous(),
+            grad_logdet.contiguous(),
+            x,
+            s_raw,
+            t_raw,
+            s_scale,
+            t_scale,
+            mask,
+            ctx.inverse,
+        )
+        return (*grads, None, None)
+
+
+# --------------------------------------------------------------------------- input checks
+def _check_tensor(name: str, value, dtypes, kind: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({kind}), got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {value.dtype}; expected {kind}, one of {list(dtypes)}")
+    return value
+
+
+def _check_runnable(name: str, value: torch.Tensor) -> None:
+    """The kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter."""
+    if value.is_cuda or (value.device.type == "cpu" and _INTERPRETED):
+        return
+    raise RuntimeError(
+        f"the Triton kernels need CUDA tensors, got {name} on {value.device}; move the data to a GPU, "
+        "use the reference ops (backend='torch' or 'auto'), or set TRITON_INTERPRET=1 before importing "
+        "triton to run the kernels in Triton's CPU interpreter"
+    )
+
+
+def _check_same(reference_name: str, reference: torch.Tensor, name: str, value: torch.Tensor, dtype: bool = True):
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name} is on {value.device} but {reference_name} is on {reference.device}; put them on one device"
+        )
+    if dtype and value.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but {reference_name} has dtype {reference.dtype}; convert one of them"
+        )
+
+
+def _check_image(name: str, x) -> torch.Tensor:
+    _check_tensor(name, x, FLOAT_DTYPES, "a floating-point image")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, L, L), got shape {tuple(x.shape)}")
+    _check_runnable(name, x)
+    return x.contiguous()
+
+
+def _check_row_index(row_index, x: torch.Tensor) -> torch.Tensor:
+    _check_tensor("row_index", row_index, INDEX_DTYPES, "an integer index table")
+    if row_index.dim() != 2:
+        raise ValueError(f"row_index must be 2-D (P, D), got shape {tuple(row_index.shape)}")
+    _check_same("x", x, "row_index", row_index, dtype=False)
+    return row_index.contiguous()
+
+
+# --------------------------------------------------------------------------- public functions
+def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    """Kernel version of :func:`rgkern.reference.gather_patches`: ``(B, C, L, L) -> (B*P, D)``.
+
+    ``row_index`` ``(P, D)`` (int64 or int32): flat indices into one ``(C, L, L)`` image,
+    a whole sublayer table or any subset of its rows. Differentiable wrt ``x``.
+    """
+    x = _check_image("x", x)
+    row_index = _check_row_index(row_index, x)
+    return GatherPatches.apply(x, row_index)
+
+
+def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    """Kernel version of :func:`rgkern.reference.scatter_patches`: rows into a copy of ``x``.
+
+    ``rows`` ``(B*P, D)`` of ``x``'s dtype; the patches of ``row_index`` must not overlap
+    (true of every sublayer table and its subsets). Differentiable wrt ``x`` and ``rows``.
+    """
+    x = _check_image("x", x)
+    _check_tensor("rows", rows, FLOAT_DTYPES, "floating-point patch rows")
+    _check_same("x", x, "rows", rows)
+    row_index = _check_row_index(row_index, x)
+    expected = (x.shape[0] * row_index.shape[0], row_index.shape[1])
+    if tuple(rows.shape) != expected:
+        raise ValueError(
+            f"rows has shape {tuple(rows.shape)}, expected (B*P, D) = {expected} for x of shape "
+            f"{tuple(x.shape)} and row_index of shape {tuple(row_index.shape)}"
+        )
+    return ScatterPatches.apply(x, rows.contiguous(), row_index)
+
+
+def _promote_to(x: torch.Tensor, value):
+    if (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and x.is_floating_point()
+        and value.dtype.itemsize < x.dtype.itemsize
+    ):
+        return value.to(x.dtype)
+    return value
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    s_raw: torch.Tensor,
+    t_raw: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    mask: torch.Tensor,
+    inverse: bool = False,
+):
+    """Kernel version of :func:`rgkern.reference.affine_coupling` (one fused kernel each way).
+
+    Args:
+        x, s_raw, t_raw: ``(N, D)``; s_scale, t_scale, mask: ``(D,)``; one dtype and device.
+        inverse: apply the inverse half-step.
+    Returns:
+        ``y`` ``(N, D)`` and the per-row log-det ``(N,)``, float64 for float64 ``x``, else
+        float32. Differentiable wrt x, s_raw, t_raw, s_scale and t_scale (not the mask).
+    """
+    _check_tensor("x", x, FLOAT_DTYPES, "floating-point patch rows")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D patch rows (N, D), got shape {tuple(x.shape)}")
+    _check_runnable("x", x)
+    # s/t network outputs in a narrower float than the rows (as autocast can give) are
+    # promoted, as the reference's type promotion does: coupling arithmetic runs in x's dtype.
+    s_raw, t_raw = (_promote_to(x, value) for value in (s_raw, t_raw))
+    rows_like = {"s_raw": s_raw, "t_raw": t_raw}
+    per_dim = {"s_scale": s_scale, "t_scale": t_scale, "mask": mask}
+    for name, value in {**rows_like, **per_dim}.items():
+        _check_tensor(name, value, FLOAT_DTYPES, "floating point")
+        _check_same("x", x, name, value)
+    for name, value in rows_like.items():
+        if value.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected the shape of x {tuple(x.shape)}")
+    for name, value in per_dim.items():
+        if tuple(value.shape) != (x.shape[1],):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({x.shape[1]},)")
+    if mask.requires_grad:
+        raise ValueError("mask requires grad, but the coupling mask is a constant; pass mask.detach()")
+    return AffineCoupling.apply(
+        x.contiguous(),
+        s_raw.contiguous(),
+        t_raw.contiguous(),
+        s_scale.contiguous(),
+        t_scale.contiguous(),
+        mask.contiguous(),
+        bool(inverse),
+    )
