@@ -289,6 +289,7 @@ class RGFlow(nn.Module):
                 )
         if any(not math.isfinite(t) or t < 0 for t in per_level):
             raise ValueError(f"temperatures must be finite and >= 0, got {per_level}")
+        device = self._param().device if device is None else torch.device(device)
         table = torch.tensor(per_level, dtype=dtype, device=device)
         return table[self.geometry.latent_level_of_elements(device)]
 

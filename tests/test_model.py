@@ -237,3 +237,10 @@ def test_chunked_sampling_reproduces_one_big_batch():
     torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="batch_size"):
         model.sample(4, batch_size=0)
+
+
+def test_temperature_map_defaults_to_the_model_device():
+    model = tiny_model(16, 2, 4)
+    table = model.temperature_map([0.1, 0.2, 0.3])
+    assert table.shape == (2, 16, 16) and table.device == next(model.parameters()).device
+    assert torch.equal(table[0], torch.tensor([0.1, 0.2, 0.3])[model.levels])
