@@ -1,0 +1,258 @@
+"""Command line: ``python -m rgkern train | sample | evaluate | ...``.
+
+Subcommands from other modules: every module named in :data:`EXTENSION_MODULES` that exists
+is imported and its ``add_cli(subparsers)`` called. ``add_cli`` adds its parsers to the
+``argparse`` sub-parsers object and gives each a handler with
+``parser.set_defaults(func=handler)``; ``handler(args)`` returns an exit code (``None``
+means 0). A module that does not exist (yet) is skipped; an import error inside an existing
+module is not hidden.
+
+Errors the library raises for bad input or missing files (``ValueError``, ``TypeError``,
+``OSError``) and a training run stopped by NaN/inf are printed as one line
+``rgkern <command>: error: ...`` on stderr, with exit code 2 (as for argparse's own usage
+errors), not as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "build_parser", "EXTENSION_MODULES"]
+
+EXTENSION_MODULES = ("rgkern.inpaint", "rgkern.explain")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _setup(args) -> str:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args.device or _default_device()
+
+
+def _checkpoint_path(text: str) -> Path:
+    """A checkpoint file, or a run folder holding ``model.safetensors``."""
+    from .train import CHECKPOINT_NAME
+
+    path = Path(text)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+# ----------------------------------------------------------------------------- train
+def _add_train(subparsers) -> None:
+    from .data import DATASET_NAMES
+    from .train import preset_names
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (writes checkpoint, history, bits/dim plot and samples)",
+        description="Train RG-Flow by maximum likelihood. Settings left out come from the preset. "
+        "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png and OUT/samples.png.",
+    )
+    parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(preset_names())} (default: cpu)")
+    parser.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASET_NAMES)} (default: the preset's)")
+    parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="total optimiser steps")
+    parser.add_argument("--batch-size", type=_positive_int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's; 1e-3 in the paper presets)")
+    parser.add_argument("--eval-every", type=_positive_int, default=None, help="held-out bits/dim every N steps")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint every N steps")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (log-dets, prior and loss stay float32)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and noise (default 0)")
+    parser.add_argument("--train-size", type=_positive_int, default=None, help="use the first N training images")
+    parser.add_argument("--test-size", type=_positive_int, default=None, help="held-out bits/dim on the first N test images")
+    parser.add_argument("--sample-temperature", default=None, help="temperature of OUT/samples.png: a float or one per RG level, comma-separated")
+    parser.add_argument("--num-samples", type=_positive_int, default=64, help="images in OUT/samples.png (default 64)")
+    _add_common(parser)
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .plots import plot_history
+    from .sampling import parse_temperature, write_samples
+    from .train import make_config, train
+
+    device = _setup(args)
+    temperature = None if args.sample_temperature is None else parse_temperature(args.sample_temperature)
+    config = make_config(
+        args.preset,
+        data=args.data,
+        data_root=args.data_root,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        bf16=args.bf16 or None,
+        device=device,
+        seed=args.seed,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        sample_temperature=temperature,
+    )
+    if args.preset.startswith("paper") and torch.device(device).type == "cpu":
+        print(f"warning: preset {args.preset!r} is the paper-size model; on the CPU it is very slow (use --preset cpu)", file=sys.stderr)
+    out = Path(args.out) if args.out else Path("runs") / args.preset
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {args.preset}")
+    write_samples(
+        result.model, num=args.num_samples, png=out / "samples.png", temperature=config.sample_temperature,
+        seed=config.seed, progress=not args.no_progress,
+    )
+    first, last = result.history[0], result.history[-1]
+    print(f"wrote {result.checkpoint}, {out / 'history.json'}, {out / 'bpd.png'}, {out / 'samples.png'}")
+    print(
+        f"held-out bits/dim: {first['test_bpd']:.4f} at step {first['step']} -> {last['test_bpd']:.4f} at step {last['step']} "
+        f"({len(result.history)} evaluations, {result.seconds:.0f} s)"
+    )
+    print(f"final held-out bits/dim: {last['test_bpd']:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample
+def _add_sample(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="draw images from a checkpoint (PNG grid and/or .npz)",
+        description="Sample images from a trained model. Each --out path ending in .png gets a grid of the "
+        "first --grid-size images; one ending in .npz gets all images as uint8 'images' (N, C, L, L).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    parser.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded at once (default 256)")
+    parser.add_argument("--temperature", default="1.0", help="a float, or one per RG level, comma-separated (e.g. 0.2,0.6,0.6,0.6)")
+    parser.add_argument("--out", required=True, nargs="+", help="output path(s): .png and/or .npz")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
+    parser.add_argument("--grid-size", type=_positive_int, default=64, help="images in the PNG grid (default 64)")
+    parser.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default: square)")
+    parser.add_argument("--scale", type=_positive_int, default=2, help="pixel scale of the PNG grid (default 2)")
+    _add_common(parser)
+    parser.set_defaults(func=_run_sample)
+
+
+def _run_sample(args) -> int:
+    from .checkpoint import load_model
+    from .sampling import parse_temperature, write_samples
+
+    device = _setup(args)
+    temperature = parse_temperature(args.temperature)
+    png = [p for p in args.out if p.lower().endswith(".png")]
+    npz = [p for p in args.out if p.lower().endswith(".npz")]
+    other = [p for p in args.out if p not in png + npz]
+    if other or len(png) > 1 or len(npz) > 1:
+        raise ValueError(f"--out takes at most one .png and one .npz path, got {args.out}")
+    model = load_model(_checkpoint_path(args.checkpoint), device=device)
+    result = write_samples(
+        model, num=args.num, png=png[0] if png else None, npz=npz[0] if npz else None, batch_size=args.batch_size,
+        temperature=temperature, seed=args.seed, grid_size=args.grid_size, nrow=args.nrow, scale=args.scale,
+        progress=not args.no_progress,
+    )
+    for key in ("png", "npz"):
+        if result[key] is not None:
+            print(f"wrote {result[key]}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="held-out bits/dim of a checkpoint",
+        description="Bits/dim of a checkpoint on a dataset split, with the deterministic dequantisation "
+        "noise used during training (rgkern.train.evaluate_bpd).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--test-size", type=_positive_int, default=None, help="first N images (default: the size used in training, else all)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_common(parser)
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .train import evaluate_bpd, load_images
+
+    device = _setup(args)
+    state = load_checkpoint(_checkpoint_path(args.checkpoint), map_location=device)
+    trained = state["info"].get("train_config", {})
+    data = args.data or trained.get("data")
+    if data is None:
+        raise ValueError("the checkpoint does not say which data it was trained on; pass --data")
+    data_root = args.data_root if args.data_root is not None else (trained.get("data_root") if data == trained.get("data") else None)
+    size = args.test_size or (trained.get("test_size") if args.split == "test" and data == trained.get("data") else None)
+    images = load_images(data, data_root, args.split, size, progress=not args.no_progress)
+    model = state["model"].to(device).eval()
+    bpd = evaluate_bpd(model, images, args.batch_size, progress=not args.no_progress)
+    print(f"{data} {args.split} ({len(images)} images), step {state['step']}: {bpd:.4f} bits/dim")
+    print(f"held-out bits/dim: {bpd:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rgkern", description="RG-Flow: train, sample, evaluate and more.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(subparsers)
+    _add_sample(subparsers)
+    _add_evaluate(subparsers)
+    for name in EXTENSION_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name == name:
+                continue  # not written yet
+            raise
+        add_cli = getattr(module, "add_cli", None)
+        if add_cli is not None:
+            add_cli(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
+    from .train import NonFiniteError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        code = args.func(args)
+    except (ValueError, TypeError, OSError, NonFiniteError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"rgkern {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rgkern {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)

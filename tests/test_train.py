@@ -1,0 +1,288 @@
+"""Tests for rgkern.train: learning, bit-identical resume, NaN stop, bf16, bad folders and configs."""
+import json
+import math
+
+import pytest
+import torch
+
+from rgkern.checkpoint import CheckpointError, load_checkpoint
+from rgkern.model import default_n_layers
+from rgkern.train import (
+    CHECKPOINT_NAME,
+    HISTORY_NAME,
+    PRESETS,
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    batch_indices,
+    build_model,
+    evaluate_bpd,
+    load_images,
+    make_config,
+    preset_names,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one thread is faster, and robust on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images("msds1", split="train", size=96, progress=False), load_images("msds1", split="test", size=32, progress=False)
+
+
+def quiet(_line):
+    pass
+
+
+def tiny(**overrides):
+    settings = dict(train_size=96, test_size=32, batch_size=16, device="cpu")
+    settings.update(overrides)
+    return make_config("tiny", **settings)
+
+
+def trainer(config, images, out):
+    train_images, test_images = images
+    model = build_model(config, image_size=32, channels=3)
+    return Trainer(model, train_images[: config.train_size], test_images[: config.test_size], config, out, log=quiet)
+
+
+def assert_same_state(a, b):
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+# ----------------------------------------------------------------------------- learning
+def test_short_training_lowers_heldout_bits_per_dim(tmp_path):
+    config = tiny(steps=30, eval_every=30, checkpoint_every=30, train_size=96)
+    result = train(config, tmp_path / "run", progress=False, log=quiet)
+    first, last = result.history[0], result.history[-1]
+    assert (first["step"], last["step"]) == (0, 30)
+    assert first["train_bpd"] is None and math.isfinite(last["train_bpd"])
+    # From about 9.5 at the identity initialisation to about 7.4 (fixed seed).
+    assert last["test_bpd"] < first["test_bpd"] - 1.0
+    assert result.test_bpd == last["test_bpd"]
+
+
+def test_run_folder_contents(tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny(steps=4, eval_every=2, checkpoint_every=4), out, progress=False, log=quiet)
+    history = json.loads((out / HISTORY_NAME).read_text())
+    assert [e["step"] for e in history] == [0, 2, 4]
+    assert history == json.loads(json.dumps(result.history))
+    assert (out / "model.json").exists()
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 4
+    assert state["info"]["train_config"]["preset"] == "tiny"
+    assert state["info"]["history"] == history
+    assert {"noise_rng", "torch_rng"} <= set(state["extra_tensors"])
+    assert_same_state(state["model"], result.model)
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    n, batch = 50, 16  # 3 updates per epoch, 2 images left out each epoch
+    epoch0 = torch.cat([batch_indices(s, n, batch, seed=3) for s in range(3)])
+    epoch1 = torch.cat([batch_indices(s, n, batch, seed=3) for s in range(3, 6)])
+    assert len(set(epoch0.tolist())) == 48 and len(set(epoch1.tolist())) == 48
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(batch_indices(4, n, batch, seed=3), batch_indices(4, n, batch, seed=3))
+    assert not torch.equal(batch_indices(0, n, batch, seed=3), batch_indices(0, n, batch, seed=4))
+    with pytest.raises(ValueError, match="larger than"):
+        batch_indices(0, 8, 16, seed=0)
+
+
+def test_evaluation_is_deterministic_and_independent_of_batch_size(images):
+    model = build_model(tiny(), 32, 3)
+    test_images = images[1]
+    a = evaluate_bpd(model, test_images, batch_size=32)
+    b = evaluate_bpd(model, test_images, batch_size=32)
+    c = evaluate_bpd(model, test_images, batch_size=5)
+    assert a == b
+    assert c == pytest.approx(a, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_is_bit_identical(tmp_path, images):
+    steps = 3
+    config = tiny(steps=2 * steps, eval_every=2, checkpoint_every=100)
+    straight = trainer(config, images, tmp_path / "straight")
+    straight.fit(progress=False)
+
+    first = trainer(tiny(steps=steps, eval_every=2, checkpoint_every=100), images, tmp_path / "split")
+    first.fit(progress=False)
+    second = trainer(config, images, tmp_path / "split")
+    second.resume()
+    assert second.step == steps
+    second.fit(progress=False)
+
+    assert_same_state(straight.model, second.model)
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    for index in opt_a:
+        for name in opt_a[index]:
+            assert torch.equal(torch.as_tensor(opt_a[index][name]), torch.as_tensor(opt_b[index][name])), (index, name)
+    assert torch.equal(straight.noise_generator.get_state(), second.noise_generator.get_state())
+    # The split run also evaluated at its end (step 3); the shared points agree exactly.
+    assert [e["step"] for e in straight.history] == [0, 2, 4, 6]
+    assert [e["step"] for e in second.history] == [0, 2, 3, 4, 6]
+    held_out = {e["step"]: e["test_bpd"] for e in second.history}
+    assert all(held_out[e["step"]] == e["test_bpd"] for e in straight.history)
+
+
+def test_resume_through_train_continues_the_run(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(steps=2, eval_every=2, checkpoint_every=2), out, progress=False, log=quiet)
+    result = train(tiny(steps=4, eval_every=2, checkpoint_every=2), out, resume=True, progress=False, log=quiet)
+    assert [e["step"] for e in result.history] == [0, 2, 4]
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 4
+
+
+def test_resume_with_a_different_model_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(steps=1), out, progress=False, log=quiet)
+    with pytest.raises(CheckpointError, match="different model config"):
+        train(tiny(steps=2, model={"n_layers": 2}), out, resume=True, progress=False, log=quiet)
+
+
+def test_resume_with_different_training_settings_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(steps=1), out, progress=False, log=quiet)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tiny(steps=2, batch_size=8), out, resume=True, progress=False, log=quiet)
+
+
+def test_existing_and_missing_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(tiny(steps=1), out, resume=True, progress=False, log=quiet)
+    train(tiny(steps=1), out, progress=False, log=quiet)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        train(tiny(steps=1), out, progress=False, log=quiet)
+    result = train(tiny(steps=1, seed=1), out, overwrite=True, progress=False, log=quiet)
+    assert load_checkpoint(out / CHECKPOINT_NAME)["info"]["train_config"]["seed"] == 1
+    assert len(result.history) == 2
+
+
+# ----------------------------------------------------------------------------- failures
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, images, monkeypatch):
+    reference = trainer(tiny(steps=5, eval_every=5, checkpoint_every=5), images, tmp_path / "reference")
+    reference.fit(progress=False)
+
+    original_loss = Trainer.loss
+
+    def poisoned_loss(self, batch):
+        loss = original_loss(self, batch)
+        return loss * float("nan") if self.step == 6 else loss  # the 7th update
+
+    monkeypatch.setattr(Trainer, "loss", poisoned_loss)
+    run = trainer(tiny(steps=10, eval_every=5, checkpoint_every=5), images, tmp_path / "run")
+    with pytest.raises(NonFiniteError, match=r"step 7: the loss is nan") as error:
+        run.fit(progress=False)
+    assert error.value.step == 7
+    assert run.step == 6
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    saved = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert saved["step"] == 5
+    assert_same_state(saved["model"], reference.model)
+    assert json.loads((tmp_path / "run" / HISTORY_NAME).read_text())[-1]["step"] == 5
+
+
+def test_nan_gradient_stops_training_before_the_update(tmp_path, images):
+    run = trainer(tiny(steps=10, checkpoint_every=5), images, tmp_path / "run")
+    parameter = next(run.model.parameters())
+    handle = parameter.register_hook(lambda grad: grad * float("nan") if run.step == 2 else grad)
+    for _ in range(2):
+        run.train_step()
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan.*no checkpoint was written"):
+        run.train_step()
+    handle.remove()
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+    assert run.train_step() > 0  # training can go on from the last good state
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the output folder was checked")
+
+    monkeypatch.setattr("rgkern.train.load_images", no_data)
+    with pytest.raises(PermissionError, match="not writable"):
+        train(tiny(), blocker / "run", progress=False, log=quiet)
+
+
+def test_read_only_output_folder(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root can write into read-only folders")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            train(tiny(), folder, progress=False, log=quiet)
+    finally:
+        folder.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- bf16
+def test_bf16_steps_are_finite_and_close_to_float32(tmp_path, images):
+    losses = {}
+    for bf16 in (False, True):
+        run = trainer(tiny(bf16=bf16, steps=3), images, tmp_path / f"bf16_{bf16}")
+        losses[bf16] = [run.train_step() for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses[True])
+    for a, b in zip(losses[False], losses[True]):
+        assert b == pytest.approx(a, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- configs
+def test_presets():
+    assert {"paper", "paper-msds", "cpu"} <= set(preset_names())
+    assert "tiny" not in preset_names() and "tiny" in preset_names(include_hidden=True)
+    paper = make_config("paper")
+    assert paper.model["hidden"] == 512 and paper.model["n_res"] == 4 and paper.model["n_mlp"] == 2
+    assert paper.batch_size == 64 and paper.lr == 1e-3 and paper.weight_decay == 5e-5 and paper.grad_clip == 1.0
+    assert paper.model["n_layers"] is None and default_n_layers(4) == (8, 6, 4, 2)  # the model's default
+    msds = make_config("paper-msds")
+    assert msds.data == "msds1" and msds.model["n_layers"] == 4 and msds.model["n_res"] == 4
+    cpu = make_config("cpu", steps=7, model={"hidden": 16})
+    assert cpu.steps == 7 and cpu.model["hidden"] == 16 and PRESETS["cpu"]["model"]["hidden"] != 16
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(batch_size=0), "batch_size must be a positive int"),
+        (dict(lr=-1.0), "lr must be a finite number"),
+        (dict(steps=1.5), "steps must be a positive int"),
+        (dict(model={"image_size": 64}), "taken from the data"),
+        (dict(sample_temperature=[1.0, 1.0]), "expected one per RG level"),
+    ],
+)
+def test_bad_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny(**overrides), tmp_path / "run", progress=False, log=quiet)
+
+
+def test_unknown_preset_and_setting():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        make_config("huge")
+    with pytest.raises(ValueError, match="unknown training settings"):
+        make_config("cpu", learning_rate=1.0)
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train({"steps": 1}, "unused")
+    assert isinstance(make_config("tiny"), TrainConfig)
