@@ -244,3 +244,8 @@ def test_temperature_map_defaults_to_the_model_device():
     table = model.temperature_map([0.1, 0.2, 0.3])
     assert table.shape == (2, 16, 16) and table.device == next(model.parameters()).device
     assert torch.equal(table[0], torch.tensor([0.1, 0.2, 0.3])[model.levels])
+
+
+def test_public_api_of_design_section_6():
+    for name in ("RGFlow", "IncrementalEncoder", "inpaint", "bits_per_dim", "preprocess", "postprocess"):
+        assert callable(getattr(rgkern, name)), name
