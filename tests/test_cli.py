@@ -15,14 +15,6 @@ from rgkern.sampling import parse_temperature, sample_images, write_samples
 from rgkern.train import build_model, make_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """One CLI training run of the hidden 'tiny' preset, shared by the tests below."""

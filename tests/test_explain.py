@@ -10,15 +10,6 @@ from rgkern.cli import build_parser, main
 from utils import random_images, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine extra threads spin-wait (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CONFIGS = [dict(L=8, C=3, k=2), dict(L=16, C=1, k=4)]
 
 

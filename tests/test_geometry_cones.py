@@ -9,15 +9,7 @@ import torch
 
 import rgkern
 from rgkern.geometry import get_geometry
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from utils import tiny_model
 
 
 def random_model(L, k, C, n_layers=2, seed=0):
@@ -26,13 +18,7 @@ def random_model(L, k, C, n_layers=2, seed=0):
     (With one RNVP block an updated entry depends on the conditioning half and on itself
     only, so the true dependency could be narrower than the patch.)
     """
-    torch.manual_seed(seed)
-    model = rgkern.RGFlow(L, C, k, n_layers=n_layers, hidden=8, n_res=1, n_mlp=1, backend="torch").double()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("s_scale") or name.endswith("t_scale"):
-                param.normal_(0, 0.5)
-    return model
+    return tiny_model(L, C, k, seed=seed, n_layers=n_layers)
 
 
 def mask_of(L, pixels):

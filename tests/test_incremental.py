@@ -6,33 +6,16 @@ import torch
 
 import rgkern
 from rgkern.incremental import IncrementalDecoder, IncrementalEncoder, decode_region
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_model(L, k, C, n_layers=1, dtype=torch.float64, seed=0, backend="torch"):
-    """Tiny model whose couplings are not the identity (the zero-initialised scales randomised)."""
-    torch.manual_seed(seed)
-    model = rgkern.RGFlow(L, C, k, n_layers=n_layers, hidden=8, n_res=1, n_mlp=1, backend=backend).to(dtype)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("s_scale") or name.endswith("t_scale"):
-                param.normal_(0, 0.5)
-    return model
+from utils import random_images
+from utils import tiny_model
 
 
 def images(model, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    L, C = model.image_size, model.channels
-    dtype = next(model.parameters()).dtype
-    return (1.5 * torch.randn(batch, C, L, L, generator=g, dtype=torch.float64)).to(dtype)
+    return random_images(model, batch, seed)
+
+
+def random_model(L, k, C, n_layers=1, dtype=torch.float64, seed=0, backend="torch"):
+    return tiny_model(L, C, k, dtype=dtype, seed=seed, n_layers=n_layers, backend=backend)
 
 
 def regions(L, seed=0):

@@ -8,33 +8,17 @@ import pytest
 import torch
 
 import rgkern
+from utils import random_images
+from utils import tiny_model
 from rgkern.inpaint import InpaintProblem, InpaintResult, add_cli, central_known_mask, inpaint, psnr
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def images(model, batch=2, seed=1):
+    return random_images(model, batch, seed)
 
 
 def random_model(L=16, k=4, C=2, n_layers=1, dtype=torch.float64, seed=0):
-    """Tiny model whose couplings are not the identity (the zero-initialised scales randomised)."""
-    torch.manual_seed(seed)
-    model = rgkern.RGFlow(L, C, k, n_layers=n_layers, hidden=8, n_res=1, n_mlp=1, backend="torch").to(dtype)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("s_scale") or name.endswith("t_scale"):
-                param.normal_(0, 0.5)
-    return model
-
-
-def images(model, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    L, C = model.image_size, model.channels
-    return 1.5 * torch.randn(batch, C, L, L, generator=g, dtype=torch.float64).to(next(model.parameters()).dtype)
+    return tiny_model(L, C, k, dtype=dtype, seed=seed, n_layers=n_layers)
 
 
 def known_mask(L, rows, cols):

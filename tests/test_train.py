@@ -24,15 +24,6 @@ from rgkern.train import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: one thread is faster, and robust on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def images():
     return load_images("msds1", split="train", size=96, progress=False), load_images("msds1", split="test", size=32, progress=False)
