@@ -301,28 +301,6 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, region: torch.Tensor, ca
     return value.clamp(max=cap)
 
 
-def _grid_png(rows, path: Path, scale: int) -> None:
-    """Write a PNG grid: one row per image, one column per uint8 ``(C, L, L)`` tensor in ``rows``."""
-    import numpy as np
-    from PIL import Image
-
-    pad = 2
-    first = rows[0][0]
-    C, L = first.shape[0], first.shape[-1]
-    tile = L * scale
-    n_rows, n_cols = len(rows), len(rows[0])
-    canvas = np.full((n_rows * (tile + pad) + pad, n_cols * (tile + pad) + pad, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            array = image.cpu().numpy().transpose(1, 2, 0)
-            if C == 1:
-                array = np.repeat(array, 3, axis=2)
-            array = array.repeat(scale, axis=0).repeat(scale, axis=1)
-            top, left = pad + r * (tile + pad), pad + c * (tile + pad)
-            canvas[top : top + tile, left : left + tile] = array[:, :, :3]
-    Image.fromarray(canvas).save(path)
-
-
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Add the ``inpaint`` subcommand to an ``argparse`` subparsers object.
 
@@ -422,8 +400,12 @@ def run_cli(args) -> int:
         if "all_latents" in results:
             row.append(results["all_latents"]["images"][b])
         rows.append(row)
-    scale = max(1, 128 // model.image_size)
-    _grid_png(rows, out / "inpaint.png", scale)
+    from .plots import save_image_grid
+
+    save_image_grid(
+        torch.stack([image for row in rows for image in row]), out / "inpaint.png",
+        nrow=len(rows[0]), scale=max(1, 128 // model.image_size),
+    )
     summary = {
         "checkpoint": str(checkpoint),
         "data": args.data,
