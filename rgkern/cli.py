@@ -8,9 +8,14 @@ means 0). A module that does not exist (yet) is skipped; an import error inside 
 module is not hidden.
 
 Errors the library raises for bad input or missing files (``ValueError``, ``TypeError``,
-``OSError``) and a training run stopped by NaN/inf are printed as one line
+``OSError``), a torchrun set-up this machine cannot serve (``DistributedSetupError``) and a
+training run stopped by NaN/inf are printed as one line
 ``rgkern <command>: error: ...`` on stderr, with exit code 2 (as for argparse's own usage
 errors), not as a traceback.
+
+``train`` under ``torchrun --nproc_per_node=N -m rgkern train ...`` trains with
+DistributedDataParallel (:mod:`rgkern.distributed`); only rank 0 prints and writes the plot
+and the samples.
 """
 from __future__ import annotations
 
@@ -28,6 +33,24 @@ EXTENSION_MODULES = ("rgkern.inpaint", "rgkern.explain")
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_speed_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--compile", action="store_true", help=f"torch.compile the {what} (fullgraph; the first steps are slow while it compiles)")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true",
+        help=f"torch.compile the {what} with mode='reduce-overhead', capturing CUDA graphs (CUDA only; implies --compile)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -76,7 +99,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="total optimiser steps")
-    parser.add_argument("--batch-size", type=_positive_int, default=None)
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (split over the processes under torchrun)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's; 1e-3 in the paper presets)")
     parser.add_argument("--eval-every", type=_positive_int, default=None, help="held-out bits/dim every N steps")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint every N steps")
@@ -84,6 +107,11 @@ def _add_train(subparsers) -> None:
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (log-dets, prior and loss stay float32)")
+    _add_speed_options(parser, "model's log-likelihood (forward and backward)")
+    parser.add_argument(
+        "--time-limit", type=_positive_float, default=None, metavar="MINUTES",
+        help="stop training after this many minutes (evaluate and checkpoint there; --resume goes on)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and noise (default 0)")
     parser.add_argument("--train-size", type=_positive_int, default=None, help="use the first N training images")
     parser.add_argument("--test-size", type=_positive_int, default=None, help="held-out bits/dim on the first N test images")
@@ -94,11 +122,15 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
+    from .distributed import context_from_environment
     from .plots import plot_history
     from .sampling import parse_temperature, write_samples
     from .train import make_config, train
 
-    device = _setup(args)
+    main_process = context_from_environment().is_main
+    device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     temperature = None if args.sample_temperature is None else parse_temperature(args.sample_temperature)
     config = make_config(
         args.preset,
@@ -110,16 +142,21 @@ def _run_train(args) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         bf16=args.bf16 or None,
+        compile=args.compile or None,
+        cuda_graphs=args.cuda_graphs or None,
         device=device,
         seed=args.seed,
         train_size=args.train_size,
         test_size=args.test_size,
         sample_temperature=temperature,
     )
-    if args.preset.startswith("paper") and torch.device(device).type == "cpu":
+    if main_process and args.preset.startswith("paper") and torch.device(device or _default_device()).type == "cpu":
         print(f"warning: preset {args.preset!r} is the paper-size model; on the CPU it is very slow (use --preset cpu)", file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / args.preset
-    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    time_limit = None if args.time_limit is None else 60 * args.time_limit
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
+    if not main_process:
+        return 0
     plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {args.preset}")
     write_samples(
         result.model, num=args.num_samples, png=out / "samples.png", temperature=config.sample_temperature,
@@ -152,13 +189,15 @@ def _add_sample(subparsers) -> None:
     parser.add_argument("--grid-size", type=_positive_int, default=64, help="images in the PNG grid (default 64)")
     parser.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default: square)")
     parser.add_argument("--scale", type=_positive_int, default=2, help="pixel scale of the PNG grid (default 2)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the s/t networks (coupling arithmetic stays float32)")
+    _add_speed_options(parser, "decoder")
     _add_common(parser)
     parser.set_defaults(func=_run_sample)
 
 
 def _run_sample(args) -> int:
     from .checkpoint import load_model
-    from .sampling import parse_temperature, write_samples
+    from .sampling import check_writable, parse_temperature, write_samples
 
     device = _setup(args)
     temperature = parse_temperature(args.temperature)
@@ -167,11 +206,15 @@ def _run_sample(args) -> int:
     other = [p for p in args.out if p not in png + npz]
     if other or len(png) > 1 or len(npz) > 1:
         raise ValueError(f"--out takes at most one .png and one .npz path, got {args.out}")
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}; drop it (--compile works on the CPU)")
+    for path in png + npz:  # before loading the model or sampling anything
+        check_writable(path)
     model = load_model(_checkpoint_path(args.checkpoint), device=device)
     result = write_samples(
         model, num=args.num, png=png[0] if png else None, npz=npz[0] if npz else None, batch_size=args.batch_size,
         temperature=temperature, seed=args.seed, grid_size=args.grid_size, nrow=args.nrow, scale=args.scale,
-        progress=not args.no_progress,
+        progress=not args.no_progress, compile=args.compile, cuda_graphs=args.cuda_graphs, bf16=args.bf16,
     )
     for key in ("png", "npz"):
         if result[key] is not None:
@@ -239,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
+    from .distributed import DistributedSetupError
     from .train import NonFiniteError
 
     parser = build_parser()
@@ -248,7 +292,7 @@ def main(argv=None) -> int:
         return 2
     try:
         code = args.func(args)
-    except (ValueError, TypeError, OSError, NonFiniteError) as error:
+    except (ValueError, TypeError, OSError, NonFiniteError, DistributedSetupError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"rgkern {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -32,7 +32,25 @@ Failure handling: a NaN or infinite loss or gradient norm stops training with
 :class:`NonFiniteError` naming the step; the update is not applied and nothing is written,
 so the last good checkpoint stays. Resuming with a different model config raises
 :class:`rgkern.checkpoint.CheckpointError`; with different training settings, ``ValueError``.
-An output folder that cannot be written raises ``PermissionError`` before any work starts.
+An output folder that cannot be written raises ``PermissionError`` before any work starts; a
+disk that fills up while a checkpoint is written raises ``OSError`` naming the file, and the
+previous checkpoint stays intact (:func:`rgkern.checkpoint.save_checkpoint` writes atomically).
+
+Speed and scale
+---------------
+* Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N -m rgkern train ...`` trains
+  with DistributedDataParallel; ``batch_size`` stays the global batch and the run equals the
+  single-process run up to float rounding (:mod:`rgkern.distributed` says how).
+* ``bf16``: bfloat16 autocast around the model (:meth:`Trainer.loss`).
+* ``compile``: the model's ``log_prob`` goes through ``torch.compile(fullgraph=True)``
+  (:func:`compile_function`); ``cuda_graphs`` (CUDA only) uses ``mode="reduce-overhead"``,
+  which also captures the compiled forward and backward in CUDA graphs. Both keep the data
+  order and noise, so a run with them follows the eager run to float rounding; resuming
+  with them switched on or off is allowed.
+* The trainer sets ``model.check_inputs = False`` while it trains (its inputs come from
+  uint8 images through :func:`rgkern.preprocess` and are finite by construction), which
+  removes the input-finite check's host synchronisation from every step; :func:`train`
+  restores it.
 """
 from __future__ import annotations
 
@@ -48,7 +66,9 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist_utils
 from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
+from .distributed import DistributedContext
 from .model import RGFlow
 from .preprocess import bits_per_dim, preprocess
 
@@ -65,6 +85,8 @@ __all__ = [
     "load_images",
     "build_model",
     "check_output_folder",
+    "compile_function",
+    "COMPILE_BACKEND_ENV",
     "NonFiniteError",
     "EVAL_NOISE_SEED",
     "CHECKPOINT_NAME",
@@ -155,7 +177,10 @@ class TrainConfig:
     train/test split (``None``: all). ``steps``: total optimiser updates. ``eval_every``:
     held-out bits/dim every so many steps (and at step 0 and the last step).
     ``checkpoint_every``: checkpoint every so many steps (and at the last step).
-    ``bf16``: bfloat16 autocast around the model (see :meth:`Trainer.loss`). ``device``:
+    ``bf16``: bfloat16 autocast around the model (see :meth:`Trainer.loss`). ``compile``:
+    ``torch.compile`` the model's ``log_prob`` (fullgraph); ``cuda_graphs``: the same with
+    ``mode="reduce-overhead"`` (CUDA graphs; CUDA only, implies ``compile``). ``batch_size``
+    is the global batch under torchrun (split over the processes). ``device``:
     ``None`` picks CUDA when available, else the CPU. ``sample_temperature``: for the sample
     grid the CLI writes at the end (a float or one per RG level).
     """
@@ -176,6 +201,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     seed: int = 0
     bf16: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
     device: str | None = None
     sample_temperature: float | list = 1.0
 
@@ -197,6 +224,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError(f"lr and grad_clip must be > 0, got lr={self.lr!r}, grad_clip={self.grad_clip!r}")
+        for name in ("bf16", "compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.model, dict):
@@ -302,6 +332,52 @@ def _write_json(path: Path, document) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+#: Environment variable naming the ``torch.compile`` backend of :func:`compile_function`
+#: (default ``"inductor"``; ``"aot_eager"`` traces forward and backward without code
+#: generation, which the CPU tests use to stay fast).
+COMPILE_BACKEND_ENV = "RGKERN_COMPILE_BACKEND"
+
+
+def compile_function(fn, device, cuda_graphs: bool = False, backend: str | None = None):
+    """``torch.compile(fn, fullgraph=True)``, with CUDA graphs when ``cuda_graphs``.
+
+    ``cuda_graphs`` selects ``mode="reduce-overhead"`` (inductor captures the compiled code
+    in CUDA graphs and replays them: no per-kernel launch cost for small batches); it needs a
+    CUDA ``device`` and raises ``ValueError`` otherwise. ``backend``: a torch.compile
+    backend, default ``$RGKERN_COMPILE_BACKEND`` or ``"inductor"``. ``fullgraph=True`` makes
+    a graph break an error rather than a silent slow-down; the model's forward and inverse
+    have no host synchronisation (its input-finite check is skipped while compiling).
+    """
+    device = torch.device(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
+    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    if cuda_graphs and backend != "inductor":
+        raise ValueError(f"CUDA graphs (mode='reduce-overhead') need the inductor backend, got backend {backend!r}")
+    return torch.compile(fn, fullgraph=True, backend=backend, mode="reduce-overhead" if cuda_graphs else None)
+
+
+class _LogProb(torch.nn.Module):
+    """``forward(y) = fn(y)``, ``fn`` being ``model.log_prob`` or its compiled version.
+
+    Holds the model as a submodule, so DistributedDataParallel can wrap it (DDP only
+    synchronises gradients through a module's ``forward``); the model's ``state_dict``
+    is unaffected.
+    """
+
+    def __init__(self, model: RGFlow, fn):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(y)
+
+
+def _quiet(_line) -> None:
+    pass
+
+
 @torch.no_grad()
 def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: bool = False) -> float:
     """Mean bits/dim of uint8 ``images (N, C, L, L)`` under ``model``, deterministically.
@@ -329,22 +405,42 @@ class Trainer:
     """Trains ``model`` on uint8 images, writing checkpoints and history to ``out``.
 
     Args:
-        model: an :class:`RGFlow` (moved to ``config.device``).
+        model: an :class:`RGFlow` (moved to ``config.device``; ``model.check_inputs`` is set
+            to False, see the module docstring).
         train_images, test_images: uint8 ``(N, C, L, L)``; the test images give the held-out
             bits/dim.
         config: a :class:`TrainConfig` (``steps`` is the total to reach, also after a resume).
         out: output folder (checked for writing here).
-        log: a function taking one line of text (default ``print``).
+        log: a function taking one line of text (default ``print``; silenced on ranks > 0).
+        distributed: a :class:`rgkern.distributed.DistributedContext`; default: that of the
+            initialised process group (:func:`rgkern.distributed.current_context`), a single
+            process without one. With more than one process the model is wrapped in
+            DistributedDataParallel, every process trains on its shard of each global batch,
+            and rank 0 alone evaluates and writes.
 
     Use :meth:`resume` to continue from ``out/model.safetensors``, then :meth:`fit`.
     """
 
-    def __init__(self, model: RGFlow, train_images: torch.Tensor, test_images: torch.Tensor, config: TrainConfig, out, log=print):
+    def __init__(
+        self,
+        model: RGFlow,
+        train_images: torch.Tensor,
+        test_images: torch.Tensor,
+        config: TrainConfig,
+        out,
+        log=print,
+        distributed: DistributedContext | None = None,
+    ):
+        self.distributed = dist_utils.current_context() if distributed is None else distributed
         self.out = check_output_folder(out)
         self.config = config
-        self.log = log
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        self.log = log if self.distributed.is_main else _quiet
+        self.device = dist_utils.resolve_device(config.device, self.distributed)
+        self.local_batch_size = dist_utils.check_global_batch_size(config.batch_size, self.distributed.world_size)
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs needs a CUDA device, got device {str(self.device)!r}; drop --cuda-graphs (--compile works on the CPU)"
+            )
         for name, images in (("train_images", train_images), ("test_images", test_images)):
             if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or len(images) == 0:
                 raise ValueError(f"{name} must be a non-empty uint8 tensor (N, C, L, L)")
@@ -356,12 +452,25 @@ class Trainer:
         if len(train_images) < config.batch_size:
             raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_images)} training images")
         self.model = model.to(self.device)
+        # Inputs come from uint8 images through preprocess: finite by construction. Skipping
+        # the model's check removes its host synchronisation from every step.
+        self.model.check_inputs = False
         self.train_images = train_images.to(self.device)
         self.test_images = test_images
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.noise_generator = torch.Generator(self.device).manual_seed(_derived_seed(config.seed, _NOISE_STREAM))
+        log_prob = self.model.log_prob
+        if config.compile or config.cuda_graphs:
+            log_prob = compile_function(log_prob, self.device, cuda_graphs=config.cuda_graphs)
+        self._log_prob: torch.nn.Module = _LogProb(self.model, log_prob)
+        if self.distributed.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._log_prob = DistributedDataParallel(self._log_prob, device_ids=device_ids)
         self.step = 0
         self.history: list[dict] = []
+        self.stop_agreed = False
         self._loss_sum = 0.0
         self._loss_count = 0
 
@@ -375,7 +484,7 @@ class Trainer:
         return self.out / HISTORY_NAME
 
     def save(self) -> Path:
-        """Write the checkpoint and ``history.json`` (both atomically)."""
+        """Write the checkpoint and ``history.json`` (both atomically). Under DDP only rank 0 calls it."""
         extra = {"noise_rng": self.noise_generator.get_state(), "torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -386,6 +495,7 @@ class Trainer:
             "train_loss_count": self._loss_count,
             "num_train_images": len(self.train_images),
             "num_test_images": len(self.test_images),
+            "world_size": self.distributed.world_size,
         }
         path = save_checkpoint(self.checkpoint_path, self.model, self.optimizer, step=self.step, info=info, extra_tensors=extra)
         _write_json(self.history_path, self.history)
@@ -397,6 +507,8 @@ class Trainer:
         Raises ``FileNotFoundError`` when there is no checkpoint, :class:`CheckpointError`
         when it holds a different model config, ``ValueError`` when its training settings
         differ from this run's in a way that changes the trajectory (``_RESUME_KEYS``).
+        Under DDP every process loads the same file (the world size may differ from the
+        run that wrote it: the global batch is what counts).
         """
         if not self.checkpoint_path.exists():
             raise FileNotFoundError(f"cannot resume: {str(self.checkpoint_path)!r} does not exist")
@@ -423,22 +535,37 @@ class Trainer:
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         """Mean bits/dim (a scalar with grad) of a uint8 batch on the training device.
 
+        ``images`` is the global batch. Under DDP it is preprocessed whole, so the noise
+        generator advances as in one process and every image gets the noise it would get
+        there; this process then keeps its shard (rows ``rank::world_size``) and returns
+        that shard's mean (DDP averages the gradients over the processes).
+
         With ``config.bf16`` the model runs under ``torch.autocast(dtype=bfloat16)``: the
         matrix products of the s/t networks run in bfloat16, while the coupling update
         ``x * exp(s) + t`` promotes back to float32 (the rows are float32), and the log-dets,
         the prior and the loss stay float32. Autocast alone does not pin every coupling
         operation to float32; that is left to the kernels' own dtype handling.
+        With ``config.compile`` / ``cuda_graphs`` the model's ``log_prob`` is the compiled one.
         """
         y, logdet = preprocess(images, generator=self.noise_generator)
+        y, logdet = dist_utils.shard(y, self.distributed), dist_utils.shard(logdet, self.distributed)
+        if self.config.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training iteration for the CUDA graph trees
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            log_prob = self.model.log_prob(y)
+            log_prob = self._log_prob(y)
         return bits_per_dim(log_prob.float(), logdet, self.model.num_dims).mean()
 
-    def train_step(self) -> float:
+    def train_step(self, request_stop: bool = False) -> float:
         """One AdamW update on the batch of ``self.step``; returns its training bits/dim.
 
+        Under DDP the returned figure is the mean over all processes (the global batch's).
+        ``request_stop``: this process asks to stop after this step (the time limit of
+        :meth:`fit`); it travels with the loss in the same all-reduce, and
+        ``self.stop_agreed`` says afterwards whether any process asked.
+
         Raises :class:`NonFiniteError` (before the update, leaving model and optimiser as
-        they were) when the loss or the gradient norm is not finite.
+        they were) when the loss or the gradient norm is not finite; under DDP all processes
+        see the same figures and stop together.
         """
         number = self.step + 1
         index = batch_indices(self.step, len(self.train_images), self.config.batch_size, self.config.seed)
@@ -447,7 +574,9 @@ class Trainer:
         loss = self.loss(self.train_images[index.to(self.device)])
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        figures = torch.stack([loss.detach().float(), grad_norm.float().to(loss.device), loss.new_tensor(float(request_stop))])
+        loss_value, norm_value, stop = dist_utils.all_reduce_mean(figures, self.distributed).tolist()
+        self.stop_agreed = stop > 0
         for what, value in (("loss", loss_value), ("gradient norm", norm_value)):
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -469,35 +598,60 @@ class Trainer:
         return evaluate_bpd(self.model, self.test_images, self.config.eval_batch_size, progress=progress)
 
     def _record(self) -> dict:
+        """Append a history entry; only rank 0 evaluates (the others record ``test_bpd`` None)."""
         train_bpd = self._loss_sum / self._loss_count if self._loss_count else None
-        entry = {"step": self.step, "train_bpd": train_bpd, "test_bpd": self.evaluate(), "time": round(time.time(), 1)}
+        test_bpd = self.evaluate() if self.distributed.is_main else None
+        entry = {"step": self.step, "train_bpd": train_bpd, "test_bpd": test_bpd, "time": round(time.time(), 1)}
         self.history.append(entry)
         self._loss_sum, self._loss_count = 0.0, 0
         return entry
 
-    def fit(self, progress: bool = True) -> list[dict]:
-        """Train until ``config.steps``; returns the history (list of ``{step, train_bpd, test_bpd, time}``)."""
+    def fit(self, progress: bool = True, time_limit: float | None = None) -> list[dict]:
+        """Train until ``config.steps``; returns the history (list of ``{step, train_bpd, test_bpd, time}``).
+
+        ``time_limit``: seconds; when they have passed, training stops after the current
+        step, evaluates and writes a checkpoint there (resume it later to go on). Under DDP,
+        rank 0 evaluates and writes while the others wait at a barrier, and every process
+        returns rank 0's history.
+        """
         from tqdm.auto import tqdm
 
         config = self.config
+        context = self.distributed
+        main = context.is_main
+        deadline = None if time_limit is None else time.monotonic() + time_limit
         if self.step == 0 and not self.history:
             self._record()
+            dist_utils.barrier(context)
         last_test = self.history[-1]["test_bpd"]
-        with tqdm(total=config.steps, initial=self.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(total=config.steps, initial=self.step, desc="training", unit="step", disable=not (progress and main), dynamic_ncols=True) as bar:
             while self.step < config.steps:
-                loss = self.train_step()
+                out_of_time = main and deadline is not None and time.monotonic() >= deadline
+                loss = self.train_step(request_stop=out_of_time)
                 bar.update(1)
-                if self.step % config.eval_every == 0 or self.step == config.steps:
+                evaluate_now = self.step % config.eval_every == 0 or self.step == config.steps
+                checkpoint_now = self.step % config.checkpoint_every == 0 or self.step == config.steps
+                if evaluate_now:
                     entry = self._record()
                     last_test = entry["test_bpd"]
-                    message = f"step {self.step}: training {entry['train_bpd']:.4f}, held-out {last_test:.4f} bits/dim"
-                    bar.write(message) if progress and self.log is print else self.log(message)
-                bar.set_postfix(loss=f"{loss:.3f}", test_bpd=f"{last_test:.3f}", refresh=False)
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    if main:
+                        message = f"step {self.step}: training {entry['train_bpd']:.4f}, held-out {last_test:.4f} bits/dim"
+                        bar.write(message) if progress and self.log is print else self.log(message)
+                if main:
+                    bar.set_postfix(loss=f"{loss:.3f}", test_bpd=f"{last_test:.3f}", refresh=False)
+                if checkpoint_now and main:
                     self.save()
-        if self.history[-1]["step"] != self.step:  # resumed at or past config.steps
+                if evaluate_now or checkpoint_now:
+                    dist_utils.barrier(context)
+                if self.stop_agreed:
+                    self.log(f"time limit of {time_limit:g} s reached at step {self.step} of {config.steps}: stopping here")
+                    break
+        if self.history[-1]["step"] != self.step:  # stopped by the time limit, or resumed at or past config.steps
             self._record()
-            self.save()
+            if main:
+                self.save()
+            dist_utils.barrier(context)
+        self.history = dist_utils.broadcast_object(self.history, context)
         return self.history
 
 
@@ -513,16 +667,48 @@ class TrainResult:
     seconds: float
 
 
-def train(config: TrainConfig, out, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> TrainResult:
+def train(
+    config: TrainConfig,
+    out,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+    time_limit: float | None = None,
+) -> TrainResult:
     """Load the data, build the model and train it as ``config`` says, writing into ``out``.
 
     ``out`` gets ``model.safetensors`` (+ ``model.json``) and ``history.json``. A folder that
     already holds a checkpoint is refused unless ``resume`` (continue it, bit-identically)
     or ``overwrite`` (start again; the old checkpoint and history are removed first).
+    ``time_limit``: stop after that many seconds of training (see :meth:`Trainer.fit`).
+
+    Under ``torchrun`` (see :mod:`rgkern.distributed`) this starts the process group (and
+    ends it before returning), trains with DDP, and returns rank 0's history on every
+    process; only rank 0 logs and writes.
     """
     start = time.time()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (see make_config), got {type(config).__name__}")
+    if time_limit is not None and (
+        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0 or not math.isfinite(time_limit)
+    ):
+        raise ValueError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
+    context, device, started = dist_utils.init_distributed(config.device)
+    try:
+        return _train(config, out, resume, overwrite, progress, log, time_limit, context, device, start)
+    finally:
+        if started:
+            dist_utils.shutdown_distributed()
+
+
+def _train(config, out, resume, overwrite, progress, log, time_limit, context, device, start) -> TrainResult:
+    main = context.is_main
+    if not main:
+        log, progress = _quiet, False
+    local_batch = dist_utils.check_global_batch_size(config.batch_size, context.world_size)
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
     out = check_output_folder(out)
     checkpoint = out / CHECKPOINT_NAME
     if resume and overwrite:
@@ -533,25 +719,39 @@ def train(config: TrainConfig, out, resume: bool = False, overwrite: bool = Fals
         raise FileExistsError(
             f"{str(out)!r} already holds a checkpoint; resume it (--resume), start over (--overwrite) or choose another folder"
         )
-    if overwrite:
+    dist_utils.barrier(context)  # every process has looked before rank 0 removes anything
+    if overwrite and main:
         for name in (CHECKPOINT_NAME, Path(CHECKPOINT_NAME).with_suffix(".json").name, HISTORY_NAME):
             (out / name).unlink(missing_ok=True)
     preset = PRESETS.get(config.preset or "", {})
     if preset.get("description"):
         log(f"preset {config.preset!r}: {preset['description']}")
+    # With a data cache folder, rank 0 fills the cache first and the others read it.
+    ordered = context.enabled and config.data_root is not None
+    if ordered and not main:
+        dist_utils.barrier(context)
     train_images = load_images(config.data, config.data_root, "train", config.train_size, progress)
     test_images = load_images(config.data, config.data_root, "test", config.test_size, progress)
+    if ordered and main:
+        dist_utils.barrier(context)
     model = build_model(config, image_size=train_images.shape[-1], channels=train_images.shape[1])
     model.temperature_map(config.sample_temperature, device="cpu")  # a bad sample temperature fails now, not after training
-    trainer = Trainer(model, train_images, test_images, config, out, log=log)
-    if resume:
-        trainer.resume()
-        log(f"resuming {checkpoint} at step {trainer.step} of {config.steps}")
-    parameters = sum(p.numel() for p in model.parameters())
-    log(
-        f"training {parameters:,} parameters on {len(train_images):,} {config.data} images "
-        f"({len(test_images):,} held out), batch {config.batch_size}, {config.steps:,} steps, device {trainer.device}"
-        + (", bf16 autocast" if config.bf16 else "")
-    )
-    history = trainer.fit(progress=progress)
+    check_inputs = model.check_inputs
+    trainer = Trainer(model, train_images, test_images, config, out, log=log, distributed=context)
+    try:
+        if resume:
+            trainer.resume()
+            log(f"resuming {checkpoint} at step {trainer.step} of {config.steps}")
+        parameters = sum(p.numel() for p in model.parameters())
+        options = [name for name, on in (("bf16 autocast", config.bf16), ("torch.compile", config.compile or config.cuda_graphs), ("CUDA graphs", config.cuda_graphs)) if on]
+        if context.enabled:
+            options.append(f"DDP over {context.world_size} processes ({local_batch} images each per step)")
+        log(
+            f"training {parameters:,} parameters on {len(train_images):,} {config.data} images "
+            f"({len(test_images):,} held out), batch {config.batch_size}, {config.steps:,} steps, device {trainer.device}"
+            + "".join(f", {option}" for option in options)
+        )
+        history = trainer.fit(progress=progress, time_limit=time_limit)
+    finally:
+        model.check_inputs = check_inputs
     return TrainResult(model=trainer.model, history=history, test_bpd=history[-1]["test_bpd"], checkpoint=trainer.checkpoint_path, config=config, seconds=time.time() - start)
