@@ -8,8 +8,14 @@
 #   SKIP_TESTS=1                     skip the test suite (benchmarks only)
 #   RGKERN_BENCH_COMPILE=0           skip the torch.compile variants (their compile takes minutes)
 #   RGKERN_BENCH_COMPILE_KERNELS=1   also benchmark the kernel path under torch.compile
-#   RGKERN_BENCH_BATCH=64            batch size of the whole-model benchmarks
+#   RGKERN_BENCH_BATCH=64            batch size of the whole-model benchmarks and of bench_speed's train_step
+#   RGKERN_BENCH_SAMPLE_SIZES=64,256,1024,4096,16384   bench_speed's sampling batch sizes
 #   BENCH_ARGS="-k encode"           extra pytest arguments for the benchmark run
+#   TRAIN_MINUTES=0                  > 0: afterwards train the paper-msds preset for that many minutes
+#                                    and print its held-out bits/dim (the paper: 0.906 after 500 epochs)
+#   TRAIN_ARGS="--bf16"              extra `rgkern train` options for that run (e.g. "--bf16 --compile")
+#   DATA_CACHE=./data_cache          where the generated MSDS1 arrays are cached (kept out of $OUT)
+#   KEEP_CHECKPOINT=1                keep that run's checkpoint (removed by default: ~2 GB)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -45,6 +51,20 @@ python -m pytest bench/ --benchmark-only -q --benchmark-json="$OUT/bench.json" $
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1
 
+if [ "${TRAIN_MINUTES:-0}" != "0" ]; then
+    # Train the paper's MSDS model (appendix B) for a time budget; --time-limit stops at a step
+    # boundary, evaluates on all 10,000 held-out images and checkpoints there.
+    # shellcheck disable=SC2086
+    python -m rgkern train --preset paper-msds --data msds1 --data-root "${DATA_CACHE:-./data_cache}" \
+        --out "$OUT/paper-msds" --overwrite --no-progress --time-limit "$TRAIN_MINUTES" \
+        --num-samples 64 ${TRAIN_ARGS:---bf16} 2>&1 | tee "$OUT/train.log"
+    train_status=${PIPESTATUS[0]}
+    [ "$train_status" -eq 0 ] || status=1
+    # The checkpoint is ~2 GB with the AdamW state: too large to bring back from a lent machine.
+    [ "${KEEP_CHECKPOINT:-0}" = "1" ] || rm -f "$OUT/paper-msds/model.safetensors"
+    echo "paper-msds after $TRAIN_MINUTES minutes: $(grep -o 'final held-out bits/dim: [0-9.]*' "$OUT/train.log" || echo 'no result') (paper, MSDS1 after 500 epochs: 0.906)" | tee -a "$OUT/train.log"
+fi
+
 OUT="$OUT" python - <<'EOF' | tee "$OUT/summary.md"
 """Markdown summary of bench.json: per group, each path's median time, ratio and extra_info."""
 import json, os, sys
@@ -72,8 +92,8 @@ for bench in data["benchmarks"]:
 for group, benches in groups.items():
     reference = next((b for b in benches if "[reference" in b["name"] and "compiled" not in b["name"]), benches[0])
     print(f"## {group}\n")
-    print("| benchmark | median ms | vs reference | images/s | GB/s | frac copy BW | TFLOP/s | frac fp32 mm | frac bf16 mm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| benchmark | median ms | vs reference | images/s | GB/s | frac copy BW | TFLOP/s | frac fp32 mm | frac bf16 mm | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for b in benches:
         info = b.get("extra_info", {})
         median = b["stats"]["median"]
@@ -81,11 +101,12 @@ for group, benches in groups.items():
         print(
             f"| {b['name']} | {median * 1e3:.3f} | {reference['stats']['median'] / median:.2f}x | "
             f"{fmt('images_per_s', '.1f')} | {fmt('gb_per_s', '.1f')} | {fmt('fraction_of_copy_bandwidth', '.2f')} | "
-            f"{fmt('tflop_per_s', '.2f')} | {fmt('fraction_of_matmul_fp32', '.2f')} | {fmt('fraction_of_matmul_bf16', '.3f')} |"
+            f"{fmt('tflop_per_s', '.2f')} | {fmt('fraction_of_matmul_fp32', '.2f')} | {fmt('fraction_of_matmul_bf16', '.3f')} | "
+            f"{format(info['peak_memory_bytes'] / 2**30, '.2f') if 'peak_memory_bytes' in info else '-'} |"
         )
     print()
 print("'vs reference' = reference eager median / this median (>1: faster than the reference).")
 EOF
 
-echo "results in $OUT (environment.txt, tests.log, bench.log, bench.json, summary.md); exit status $status"
+echo "results in $OUT (environment.txt, tests.log, bench.log, bench.json, summary.md, train.log); exit status $status"
 exit $status
