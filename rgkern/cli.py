@@ -92,7 +92,7 @@ def _add_train(subparsers) -> None:
         "train",
         help="train a model (writes checkpoint, history, bits/dim plot and samples)",
         description="Train RG-Flow by maximum likelihood. Settings left out come from the preset. "
-        "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png and OUT/samples.png.",
+        "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png, OUT/samples.png and OUT/data.png (training images, for comparison).",
     )
     parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(preset_names())} (default: cpu)")
     parser.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASET_NAMES)} (default: the preset's)")
@@ -123,9 +123,9 @@ def _add_train(subparsers) -> None:
 
 def _run_train(args) -> int:
     from .distributed import context_from_environment
-    from .plots import plot_history
+    from .plots import plot_history, save_image_grid
     from .sampling import parse_temperature, write_samples
-    from .train import make_config, train
+    from .train import load_images, make_config, train
 
     main_process = context_from_environment().is_main
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
@@ -162,8 +162,11 @@ def _run_train(args) -> int:
         result.model, num=args.num_samples, png=out / "samples.png", temperature=config.sample_temperature,
         seed=config.seed, progress=not args.no_progress,
     )
+    # The training data beside the samples, so a person can compare them at a glance.
+    data = load_images(config.data, root=config.data_root, split="train", size=args.num_samples, progress=False)
+    save_image_grid(data, out / "data.png", scale=2)  # the scale of samples.png
     first, last = result.history[0], result.history[-1]
-    print(f"wrote {result.checkpoint}, {out / 'history.json'}, {out / 'bpd.png'}, {out / 'samples.png'}")
+    print(f"wrote {result.checkpoint}, {out / 'history.json'}, {out / 'bpd.png'}, {out / 'samples.png'}, {out / 'data.png'}")
     print(
         f"held-out bits/dim: {first['test_bpd']:.4f} at step {first['step']} -> {last['test_bpd']:.4f} at step {last['step']} "
         f"({len(result.history)} evaluations, {result.seconds:.0f} s)"

@@ -43,10 +43,13 @@ def grid_size(n, nrow=None, scale=2, side=32, padding=1):
 
 # ----------------------------------------------------------------------------- train / sample / evaluate
 def test_train_writes_checkpoint_history_plot_and_samples(run_folder, capsys):
-    for name in ("model.safetensors", "model.json", "history.json", "bpd.png", "samples.png"):
+    for name in ("model.safetensors", "model.json", "history.json", "bpd.png", "samples.png", "data.png"):
         assert (run_folder / name).is_file(), name
-    with Image.open(run_folder / "samples.png") as picture:
-        assert picture.mode == "RGB" and picture.size == grid_size(64)
+    for name in ("samples.png", "data.png"):
+        with Image.open(run_folder / name) as picture:
+            assert picture.mode == "RGB" and picture.size == grid_size(64), name
+    with Image.open(run_folder / "data.png") as picture:
+        assert np.asarray(picture).std() > 10  # real images, not a blank canvas
     with Image.open(run_folder / "bpd.png") as picture:
         assert picture.size == (600, 400)
 
