@@ -31,11 +31,11 @@ __all__ = ["main", "build_parser", "EXTENSION_MODULES"]
 EXTENSION_MODULES = ("rgkern.inpaint", "rgkern.explain")
 
 
-def _default_device() -> str:
+def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -53,7 +53,7 @@ def _add_speed_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -63,19 +63,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _setup(args) -> str:
+def setup_runtime(args) -> str:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return args.device or _default_device()
+    return args.device or default_device()
 
 
-def _checkpoint_path(text: str) -> Path:
+def checkpoint_path(text: str) -> Path:
     """A checkpoint file, or a run folder holding ``model.safetensors``."""
     from .train import CHECKPOINT_NAME
 
@@ -98,26 +98,26 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASET_NAMES)} (default: the preset's)")
     parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="total optimiser steps")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (split over the processes under torchrun)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="total optimiser steps")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (split over the processes under torchrun)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's; 1e-3 in the paper presets)")
-    parser.add_argument("--eval-every", type=_positive_int, default=None, help="held-out bits/dim every N steps")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint every N steps")
+    parser.add_argument("--eval-every", type=positive_int, default=None, help="held-out bits/dim every N steps")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every N steps")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (log-dets, prior and loss stay float32)")
     _add_speed_options(parser, "model's log-likelihood (forward and backward)")
     parser.add_argument(
-        "--time-limit", type=_positive_float, default=None, metavar="MINUTES",
+        "--time-limit", type=positive_float, default=None, metavar="MINUTES",
         help="stop training after this many minutes (evaluate and checkpoint there; --resume goes on)",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and noise (default 0)")
-    parser.add_argument("--train-size", type=_positive_int, default=None, help="use the first N training images")
-    parser.add_argument("--test-size", type=_positive_int, default=None, help="held-out bits/dim on the first N test images")
+    parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
+    parser.add_argument("--test-size", type=positive_int, default=None, help="held-out bits/dim on the first N test images")
     parser.add_argument("--sample-temperature", default=None, help="temperature of OUT/samples.png: a float or one per RG level, comma-separated")
-    parser.add_argument("--num-samples", type=_positive_int, default=64, help="images in OUT/samples.png (default 64)")
-    _add_common(parser)
+    parser.add_argument("--num-samples", type=positive_int, default=64, help="images in OUT/samples.png (default 64)")
+    add_common_options(parser)
     parser.set_defaults(func=_run_train)
 
 
@@ -150,7 +150,7 @@ def _run_train(args) -> int:
         test_size=args.test_size,
         sample_temperature=temperature,
     )
-    if main_process and args.preset.startswith("paper") and torch.device(device or _default_device()).type == "cpu":
+    if main_process and args.preset.startswith("paper") and torch.device(device or default_device()).type == "cpu":
         print(f"warning: preset {args.preset!r} is the paper-size model; on the CPU it is very slow (use --preset cpu)", file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / args.preset
     time_limit = None if args.time_limit is None else 60 * args.time_limit
@@ -184,17 +184,17 @@ def _add_sample(subparsers) -> None:
         "first --grid-size images; one ending in .npz gets all images as uint8 'images' (N, C, L, L).",
     )
     parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
-    parser.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="images decoded at once (default 256)")
+    parser.add_argument("--num", type=positive_int, default=64, help="number of images (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded at once (default 256)")
     parser.add_argument("--temperature", default="1.0", help="a float, or one per RG level, comma-separated (e.g. 0.2,0.6,0.6,0.6)")
     parser.add_argument("--out", required=True, nargs="+", help="output path(s): .png and/or .npz")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
-    parser.add_argument("--grid-size", type=_positive_int, default=64, help="images in the PNG grid (default 64)")
-    parser.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default: square)")
-    parser.add_argument("--scale", type=_positive_int, default=2, help="pixel scale of the PNG grid (default 2)")
+    parser.add_argument("--grid-size", type=positive_int, default=64, help="images in the PNG grid (default 64)")
+    parser.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: square)")
+    parser.add_argument("--scale", type=positive_int, default=2, help="pixel scale of the PNG grid (default 2)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the s/t networks (coupling arithmetic stays float32)")
     _add_speed_options(parser, "decoder")
-    _add_common(parser)
+    add_common_options(parser)
     parser.set_defaults(func=_run_sample)
 
 
@@ -202,7 +202,7 @@ def _run_sample(args) -> int:
     from .checkpoint import load_model
     from .sampling import check_writable, parse_temperature, write_samples
 
-    device = _setup(args)
+    device = setup_runtime(args)
     temperature = parse_temperature(args.temperature)
     png = [p for p in args.out if p.lower().endswith(".png")]
     npz = [p for p in args.out if p.lower().endswith(".npz")]
@@ -213,7 +213,7 @@ def _run_sample(args) -> int:
         raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}; drop it (--compile works on the CPU)")
     for path in png + npz:  # before loading the model or sampling anything
         check_writable(path)
-    model = load_model(_checkpoint_path(args.checkpoint), device=device)
+    model = load_model(checkpoint_path(args.checkpoint), device=device)
     result = write_samples(
         model, num=args.num, png=png[0] if png else None, npz=npz[0] if npz else None, batch_size=args.batch_size,
         temperature=temperature, seed=args.seed, grid_size=args.grid_size, nrow=args.nrow, scale=args.scale,
@@ -237,9 +237,9 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("--test-size", type=_positive_int, default=None, help="first N images (default: the size used in training, else all)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
-    _add_common(parser)
+    parser.add_argument("--test-size", type=positive_int, default=None, help="first N images (default: the size used in training, else all)")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    add_common_options(parser)
     parser.set_defaults(func=_run_evaluate)
 
 
@@ -247,8 +247,8 @@ def _run_evaluate(args) -> int:
     from .checkpoint import load_checkpoint
     from .train import evaluate_bpd, load_images
 
-    device = _setup(args)
-    state = load_checkpoint(_checkpoint_path(args.checkpoint), map_location=device)
+    device = setup_runtime(args)
+    state = load_checkpoint(checkpoint_path(args.checkpoint), map_location=device)
     trained = state["info"].get("train_config", {})
     data = args.data or trained.get("data")
     if data is None:

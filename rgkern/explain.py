@@ -529,9 +529,9 @@ def progressive_generation(model, z) -> torch.Tensor:
 # --------------------------------------------------------------------------- command line
 def _load(args):
     from .checkpoint import load_model
-    from .cli import _checkpoint_path, _setup
+    from .cli import checkpoint_path, setup_runtime
 
-    model = load_model(_checkpoint_path(args.checkpoint), device=_setup(args))
+    model = load_model(checkpoint_path(args.checkpoint), device=setup_runtime(args))
     return model, torch.Generator().manual_seed(args.seed)
 
 
@@ -637,7 +637,7 @@ def _run_progressive(args) -> int:
 
 
 def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
-    from .cli import _add_common, _positive_int
+    from .cli import add_common_options, positive_int
     from .sampling import parse_temperature
 
     parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
@@ -647,10 +647,10 @@ def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -
         parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
         parser.add_argument("--temperature", type=parse_temperature, default=1.0,
                             help="prior temperature of drawn latents: one value, or one per level (T0,T1,...)")
-    parser.add_argument("--num", type=_positive_int, default=num, help="images (rows) per picture (default %(default)s)")
+    parser.add_argument("--num", type=positive_int, default=num, help="images (rows) per picture (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents drawn and of the data (default 0)")
-    parser.add_argument("--scale", type=_positive_int, default=3, help="pixel scale of image grids (default 3)")
-    _add_common(parser)
+    parser.add_argument("--scale", type=positive_int, default=3, help="pixel scale of image grids (default 3)")
+    add_common_options(parser)
 
 
 def add_cli(subparsers) -> None:

@@ -307,6 +307,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     The handler is stored as ``func`` in the parsed namespace (``args.func(args)``, returns
     an exit code); it is :func:`run_cli`.
     """
+    from .cli import add_common_options, positive_int
+
     parser = subparsers.add_parser(
         "inpaint",
         help="fill a corrupted central region of held-out images (paper appendix F)",
@@ -319,19 +321,17 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
     parser.add_argument("--data", default="msds1", help="dataset for rgkern.data.load_dataset (default msds1); its test split is used")
     parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
-    parser.add_argument("--num", type=int, default=8, help="held-out images to inpaint (default 8)")
-    parser.add_argument("--region-size", type=int, default=10, help="edge of the central square to corrupt (default 10)")
+    parser.add_argument("--num", type=positive_int, default=8, help="held-out images to inpaint (default 8)")
+    parser.add_argument("--region-size", type=positive_int, default=10, help="edge of the central square to corrupt (default 10)")
     parser.add_argument("--steps", type=int, default=100, help="Adam steps (default 100)")
-    parser.add_argument("--restarts", type=int, default=8, help="random restarts per image (default 8)")
+    parser.add_argument("--restarts", type=positive_int, default=8, help="random restarts per image (default 8)")
     parser.add_argument("--init-draws", type=int, default=None, help="random draws screened to pick the restarts (default: --restarts)")
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the latents (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial draws (default 0)")
     parser.add_argument("--out", default="inpaint_out", help="output folder for inpaint.png and inpaint.json (default inpaint_out)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="kernel backend (default auto)")
     parser.add_argument("--skip-baseline", action="store_true", help="do not run the all-latents baseline")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common_options(parser)
     parser.set_defaults(func=run_cli)
     return parser
 
@@ -342,14 +342,10 @@ def run_cli(args) -> int:
     from .data import load_dataset
     from .preprocess import postprocess, preprocess
 
-    _check_positive_int("--num", args.num, 1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads is not None:
-        _check_positive_int("--threads", args.threads, 1)
-        torch.set_num_threads(args.threads)
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
+    from .cli import checkpoint_path, setup_runtime
+
+    device = setup_runtime(args)
+    checkpoint = checkpoint_path(args.checkpoint)
     model = load_model(checkpoint, device=device, backend=args.backend)
     dtype = next(model.parameters()).dtype
     dataset = load_dataset(args.data, root=args.data_root, split="test", size=args.num, seed=0)
