@@ -94,7 +94,7 @@ def test_traversal_of_a_level0_latent_changes_only_pixels_in_its_generation_cone
     values = [-2.0, 0.0, 2.5]
     images = explain.traverse(model, z, 0, position, channel=1, values=values)
     assert images.shape == (2, 3, 3, 16, 16)
-    base = model.decode(z)
+    base = model.decode(z).detach()
     cone = model.geometry.generation_cone(single_latent(model, *position))
     change = (images - base[:, None]).abs().amax(dim=(0, 1, 2))  # (L, L)
     assert float(change[~cone].max()) <= 1e-12
