@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import block_dim, rows_per_block, wrap_triton
-from .scatter_patches import scatter_patches_kernel
+from .scatter_patches import scatter_rows_into
 
 __all__ = ["gather_patches_kernel", "gather_patches_forward", "gather_patches_backward"]
 
@@ -100,21 +100,4 @@ def gather_patches_backward(
         out = torch.zeros(tuple(image_shape), dtype=grad_rows.dtype, device=grad_rows.device)
     else:
         out.zero_()
-    num_patches, dim = row_index.shape
-    n_rows = grad_rows.shape[0]
-    if n_rows > 0 and num_patches > 0:
-        width = block_dim(dim)
-        block_rows = rows_per_block(width)
-        grid = (triton.cdiv(n_rows, block_rows),)
-        wrap_triton(scatter_patches_kernel)[grid](
-            grad_rows,
-            row_index,
-            out,
-            n_rows,
-            num_patches,
-            math.prod(out.shape[1:]),
-            DIM=dim,
-            BLOCK_ROWS=block_rows,
-            BLOCK_DIM=width,
-        )
-    return out
+    return scatter_rows_into(out, grad_rows, row_index)
