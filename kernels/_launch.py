@@ -66,6 +66,13 @@ def rows_per_block(block_width: int) -> int:
     return max(1, target // block_width)
 
 
+def row_launch_shape(n_rows: int, dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_DIM, BLOCK_ROWS, number of programs)`` for a row-wise kernel over ``(n_rows, dim)``."""
+    width = block_dim(dim)
+    block_rows = rows_per_block(width)
+    return width, block_rows, triton.cdiv(n_rows, block_rows)
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Float64 for float64 data, float32 for everything else (float32, float16, bfloat16)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, block_dim, rows_per_block, wrap_triton
+from ._launch import accumulator_dtype, row_launch_shape, wrap_triton
 
 __all__ = [
     "affine_coupling_fwd_kernel",
@@ -182,12 +182,6 @@ def affine_coupling_bwd_kernel(
     tl.store(partial_t_scale_ptr + pid * DIM + col, partial_t, mask=col_live)
 
 
-def _launch_shape(n_rows: int, dim: int):
-    width = block_dim(dim)
-    block_rows = rows_per_block(width)
-    return width, block_rows, triton.cdiv(n_rows, block_rows)
-
-
 def affine_coupling_forward(
     x: torch.Tensor,
     s_raw: torch.Tensor,
@@ -216,7 +210,7 @@ def affine_coupling_forward(
     else:
         y, logdet = out
     if n_rows > 0:
-        width, block_rows, programs = _launch_shape(n_rows, dim)
+        width, block_rows, programs = row_launch_shape(n_rows, dim)
         acc_fp64 = x.dtype == torch.float64
         wrap_triton(affine_coupling_fwd_kernel)[(programs,)](
             x,
@@ -267,7 +261,7 @@ def affine_coupling_backward(
         grad_x, grad_s_raw, grad_t_raw = (torch.empty_like(x) for _ in range(3))
     else:
         grad_x, grad_s_raw, grad_t_raw = out
-    width, block_rows, programs = _launch_shape(n_rows, dim)
+    width, block_rows, programs = row_launch_shape(n_rows, dim)
     partial_s_scale = torch.zeros((max(programs, 1), dim), dtype=acc, device=x.device)
     partial_t_scale = torch.zeros((max(programs, 1), dim), dtype=acc, device=x.device)
     if n_rows > 0:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_dim, rows_per_block, wrap_triton
+from ._launch import row_launch_shape, wrap_triton
 from .scatter_patches import scatter_rows_into
 
 __all__ = ["gather_patches_kernel", "gather_patches_forward", "gather_patches_backward"]
@@ -65,9 +65,8 @@ def gather_patches_forward(x: torch.Tensor, row_index: torch.Tensor, out: torch.
     if out is None:
         out = torch.empty((n_rows, dim), dtype=x.dtype, device=x.device)
     if n_rows > 0:
-        width = block_dim(dim)
-        block_rows = rows_per_block(width)
-        grid = (triton.cdiv(n_rows, block_rows),)
+        width, block_rows, programs = row_launch_shape(n_rows, dim)
+        grid = (programs,)
         wrap_triton(gather_patches_kernel)[grid](
             x,
             row_index,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_dim, rows_per_block, wrap_triton
+from ._launch import row_launch_shape, wrap_triton
 
 __all__ = [
     "scatter_patches_kernel",
@@ -100,9 +100,8 @@ def scatter_rows_into(image: torch.Tensor, rows: torch.Tensor, row_index: torch.
     num_patches, dim = row_index.shape
     n_rows = rows.shape[0]
     if n_rows > 0 and num_patches > 0:
-        width = block_dim(dim)
-        block_rows = rows_per_block(width)
-        grid = (triton.cdiv(n_rows, block_rows),)
+        width, block_rows, programs = row_launch_shape(n_rows, dim)
+        grid = (programs,)
         wrap_triton(scatter_patches_kernel)[grid](
             rows,
             row_index,
@@ -161,9 +160,8 @@ def scatter_patches_backward(
         grad_x, grad_rows = out
         grad_x.copy_(grad_out)
     if n_rows > 0:
-        width = block_dim(dim)
-        block_rows = rows_per_block(width)
-        grid = (triton.cdiv(n_rows, block_rows),)
+        width, block_rows, programs = row_launch_shape(n_rows, dim)
+        grid = (programs,)
         wrap_triton(scatter_patches_backward_kernel)[grid](
             grad_out,
             row_index,
