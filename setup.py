@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The Triton kernels live in the top-level folder kernels/ (the layout of the product brief)
 # and install as the subpackage rgkern.kernels, so rgkern does not claim the generic
@@ -7,7 +7,7 @@ setup(
     name="rgkern",
     version="0.1.0",
     description="Kernel-accelerated RG-Flow: a hierarchical, local normalizing flow",
-    packages=["rgkern", "rgkern.kernels"],
+    packages=find_packages(include=["rgkern", "rgkern.*"]) + ["rgkern.kernels"],
     package_dir={"rgkern": "rgkern", "rgkern.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "einops", "tqdm", "pillow", "matplotlib", "safetensors"],

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.incremental import IncrementalEncoder
-from rgkern.inpaint import InpaintProblem
+from rgkern.locality.incremental import IncrementalEncoder
+from rgkern.locality.inpaint import InpaintProblem
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import rgkern
-from rgkern import ops
+from rgkern.core import ops
 
 HAS_CUDA = torch.cuda.is_available()
 COMPILE = HAS_CUDA and os.environ.get("RGKERN_BENCH_COMPILE", "1") != "0"

@@ -36,9 +36,9 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.model import default_n_layers
-from rgkern.sampling import sample_images
-from rgkern.train import TrainConfig, Trainer
+from rgkern.core.model import default_n_layers
+from rgkern.tools.sampling import sample_images
+from rgkern.tools.train import TrainConfig, Trainer
 
 HAS_CUDA = torch.cuda.is_available()
 COMPILE = HAS_CUDA and os.environ.get("RGKERN_BENCH_COMPILE", "1") != "0"

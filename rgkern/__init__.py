@@ -9,13 +9,13 @@ Submodules: ``geometry`` (index tables, levels, cones), ``reference`` / ``ops`` 
 ``incremental``, ``inpaint`` (the module; ``rgkern.inpaint`` here is its function),
 ``explain`` and ``cli``. The Triton kernels install as ``rgkern.kernels``.
 """
-from .geometry import Geometry, get_geometry
-from .model import RGFlow
-from .preprocess import bits_per_dim, postprocess, preprocess
-from .priors import GaussianPrior, LaplacePrior
-from .incremental import IncrementalDecoder, IncrementalEncoder
-from .inpaint import InpaintResult, inpaint
-from .explain import (
+from .core.geometry import Geometry, get_geometry
+from .core.model import RGFlow
+from .core.preprocess import bits_per_dim, postprocess, preprocess
+from .core.priors import GaussianPrior, LaplacePrior
+from .locality.incremental import IncrementalDecoder, IncrementalEncoder
+from .locality.inpaint import InpaintResult, inpaint
+from .tools.explain import (
     mixed_temperature_grid,
     progressive_generation,
     receptive_field,

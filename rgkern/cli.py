@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["main", "build_parser", "EXTENSION_MODULES"]
 
-EXTENSION_MODULES = ("rgkern.inpaint", "rgkern.explain")
+EXTENSION_MODULES = ("rgkern.locality.inpaint", "rgkern.tools.explain")
 
 
 def default_device() -> str:
@@ -77,7 +77,7 @@ def setup_runtime(args) -> str:
 
 def checkpoint_path(text: str) -> Path:
     """A checkpoint file, or a run folder holding ``model.safetensors``."""
-    from .train import CHECKPOINT_NAME
+    from .tools.train import CHECKPOINT_NAME
 
     path = Path(text)
     return path / CHECKPOINT_NAME if path.is_dir() else path
@@ -86,7 +86,7 @@ def checkpoint_path(text: str) -> Path:
 # ----------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
     from .data import DATASET_NAMES
-    from .train import preset_names
+    from .tools.train import preset_names
 
     parser = subparsers.add_parser(
         "train",
@@ -122,10 +122,10 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from .distributed import context_from_environment
-    from .plots import plot_history, save_image_grid
-    from .sampling import parse_temperature, write_samples
-    from .train import load_images, make_config, train
+    from .tools.distributed import context_from_environment
+    from .tools.plots import plot_history, save_image_grid
+    from .tools.sampling import parse_temperature, write_samples
+    from .tools.train import load_images, make_config, train
 
     main_process = context_from_environment().is_main
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
@@ -199,8 +199,8 @@ def _add_sample(subparsers) -> None:
 
 
 def _run_sample(args) -> int:
-    from .checkpoint import load_model
-    from .sampling import check_writable, parse_temperature, write_samples
+    from .tools.checkpoint import load_model
+    from .tools.sampling import check_writable, parse_temperature, write_samples
 
     device = setup_runtime(args)
     temperature = parse_temperature(args.temperature)
@@ -244,8 +244,8 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .train import evaluate_bpd, load_images
+    from .tools.checkpoint import load_checkpoint
+    from .tools.train import evaluate_bpd, load_images
 
     device = setup_runtime(args)
     state = load_checkpoint(checkpoint_path(args.checkpoint), map_location=device)
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
-    from .distributed import DistributedSetupError
-    from .train import NonFiniteError
+    from .tools.distributed import DistributedSetupError
+    from .tools.train import NonFiniteError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from rgkern import cli
-from rgkern.plots import image_grid, plot_history, save_image_grid
-from rgkern.sampling import parse_temperature, sample_images, write_samples
-from rgkern.train import build_model, make_config
+from rgkern.tools.plots import image_grid, plot_history, save_image_grid
+from rgkern.tools.sampling import parse_temperature, sample_images, write_samples
+from rgkern.tools.train import build_model, make_config
 
 
 @pytest.fixture(scope="module")

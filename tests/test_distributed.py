@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from rgkern import cli
-from rgkern import distributed as dist_utils
-from rgkern.checkpoint import load_checkpoint
-from rgkern.distributed import DistributedContext, DistributedSetupError
-from rgkern.train import CHECKPOINT_NAME, batch_indices, make_config, train
+from rgkern.tools import distributed as dist_utils
+from rgkern.tools.checkpoint import load_checkpoint
+from rgkern.tools.distributed import DistributedContext, DistributedSetupError
+from rgkern.tools.train import CHECKPOINT_NAME, batch_indices, make_config, train
 
 STEPS = 4
 

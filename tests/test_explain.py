@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rgkern import explain
-from rgkern.checkpoint import save_checkpoint
+from rgkern.tools import explain
+from rgkern.tools.checkpoint import save_checkpoint
 from rgkern.cli import build_parser, main
 from utils import random_images, tiny_model
 

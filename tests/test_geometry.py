@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rgkern.geometry import DECIMATOR, DISENTANGLER, get_geometry
+from rgkern.core.geometry import DECIMATOR, DISENTANGLER, get_geometry
 
 SIZES = [(4, 2), (8, 2), (8, 4), (16, 4), (32, 4), (16, 8), (64, 4)]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.geometry import get_geometry
+from rgkern.core.geometry import get_geometry
 from utils import tiny_model
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.incremental import IncrementalDecoder, IncrementalEncoder, decode_region
+from rgkern.locality.incremental import IncrementalDecoder, IncrementalEncoder, decode_region
 from utils import random_images
 from utils import tiny_model
 
@@ -350,7 +350,7 @@ def test_evaluate_checks_values(encoder):
 # ----------------------------------------------------------------------------- Triton path
 def test_triton_backend_update_matches_torch():
     try:
-        importlib.import_module("rgkern.triton_ops")
+        importlib.import_module("rgkern.core.functions")
     except Exception as error:  # noqa: BLE001 - any import failure means no Triton path here
         pytest.skip(f"Triton path unavailable: {type(error).__name__}: {error}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ import torch
 import rgkern
 from utils import random_images
 from utils import tiny_model
-from rgkern.inpaint import InpaintProblem, InpaintResult, add_cli, central_known_mask, inpaint, psnr
+from rgkern.locality.inpaint import InpaintProblem, InpaintResult, add_cli, central_known_mask, inpaint, psnr
 
 
 def images(model, batch=2, seed=1):
@@ -154,7 +154,7 @@ def test_psnr_and_central_mask():
 
 def test_cli_writes_grid_and_psnr(tmp_path, capsys):
     try:
-        checkpoint = importlib.import_module("rgkern.checkpoint")
+        checkpoint = importlib.import_module("rgkern.tools.checkpoint")
         importlib.import_module("rgkern.data")
     except ImportError as error:
         pytest.skip(f"the CLI needs rgkern.checkpoint and rgkern.data: {error}")

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import rgkern
-from rgkern import ops, reference, triton_ops
-from rgkern.geometry import get_geometry
+from rgkern.core import functions as triton_ops
+from rgkern.core import ops, reference
+from rgkern.core.geometry import get_geometry
 from rgkern.kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
 from rgkern.kernels.gather_patches import gather_patches_backward, gather_patches_forward
 from rgkern.kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
@@ -256,8 +257,8 @@ def test_gradcheck_gather_and_scatter(device):
     row_index = geo.row_index(2, device)  # disentangler of level 1: covers a quarter of the pixels
     x = torch.randn(1, 1, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
     rows = torch.randn(row_index.shape[0], 4, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: triton_ops.GatherPatches.apply(x, row_index), (x,))
-    assert torch.autograd.gradcheck(lambda x, r: triton_ops.ScatterPatches.apply(x, r, row_index), (x, rows))
+    assert torch.autograd.gradcheck(lambda x: triton_ops.GatherPatchesFunction.apply(x, row_index), (x,))
+    assert torch.autograd.gradcheck(lambda x, r: triton_ops.ScatterPatchesFunction.apply(x, r, row_index), (x, rows))
 
 
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
@@ -267,7 +268,7 @@ def test_gradcheck_affine_coupling(inverse, device):
     inputs[1] = inputs[1].clamp(-3, 3)  # keep tanh away from saturation so finite differences see it
     inputs = [t.requires_grad_() for t in inputs]
     mask = get_geometry(8, 2, 1).coupling_mask(device, torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: triton_ops.AffineCoupling.apply(*a, mask, inverse), inputs)
+    assert torch.autograd.gradcheck(lambda *a: triton_ops.AffineCouplingFunction.apply(*a, mask, inverse), inputs)
 
 
 def test_backward_is_once_differentiable(device):
@@ -400,7 +401,7 @@ def test_triton_op_decomposes_into_kernels_without_interpreter():
         logging.disable(logging.WARNING)  # no GPU: torch warns it cannot analyse kernel mutations
         from torch._functorch.aot_autograd import aot_function
         from torch._subclasses.fake_tensor import FakeTensorMode
-        from rgkern import triton_ops
+        from rgkern.core import functions as triton_ops
         assert set(triton_ops.REGISTRATION.values()) == {"triton_op"}, triton_ops.REGISTRATION
         graphs = []
         def keep(gm, _):

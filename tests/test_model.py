@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rgkern.tools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils import random_images, tiny_model
 
 
@@ -132,7 +132,7 @@ def test_float32_and_per_level_hyperparameters():
 
 
 def test_auto_backend_uses_reference_on_cpu():
-    assert rgkern.ops.resolve_backend("auto", torch.zeros(1)) == "torch"
+    assert rgkern.core.ops.resolve_backend("auto", torch.zeros(1)) == "torch"
 
 
 # ----------------------------------------------------------------------- bad input
@@ -217,13 +217,13 @@ def test_corrupt_checkpoint_names_file_and_is_left_alone(tmp_path):
     payload = b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json"
     path.write_bytes(payload)
     with pytest.raises(CheckpointError, match="broken.safetensors"):
-        rgkern.checkpoint.load_model(path)
+        rgkern.tools.checkpoint.load_model(path)
     assert path.read_bytes() == payload
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        rgkern.checkpoint.load_model(tmp_path / "nope.safetensors")
+        rgkern.tools.checkpoint.load_model(tmp_path / "nope.safetensors")
 
 
 def test_chunked_sampling_reproduces_one_big_batch():

@@ -15,9 +15,9 @@ import torch
 
 import rgkern
 from rgkern import cli
-from rgkern.checkpoint import load_checkpoint, save_checkpoint
-from rgkern.sampling import BF16_SAMPLE_TOLERANCE, check_writable, sample_images, write_samples
-from rgkern.train import COMPILE_BACKEND_ENV, CHECKPOINT_NAME, Trainer, build_model, compile_function, load_images, make_config, train
+from rgkern.tools.checkpoint import load_checkpoint, save_checkpoint
+from rgkern.tools.sampling import BF16_SAMPLE_TOLERANCE, check_writable, sample_images, write_samples
+from rgkern.tools.train import COMPILE_BACKEND_ENV, CHECKPOINT_NAME, Trainer, build_model, compile_function, load_images, make_config, train
 
 
 def quiet(_line):
@@ -240,7 +240,7 @@ def test_sample_into_an_unwritable_place_exits_with_code_2(tmp_path, model, caps
 
 
 def test_full_disk_while_streaming_samples_keeps_the_old_file(tmp_path, model, monkeypatch):
-    from rgkern import sampling
+    from rgkern.tools import sampling
 
     npz = tmp_path / "all.npz"
     write_samples(model, num=4, npz=npz, batch_size=4, seed=0, progress=False)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rgkern.checkpoint import CheckpointError, load_checkpoint
-from rgkern.model import default_n_layers
-from rgkern.train import (
+from rgkern.tools.checkpoint import CheckpointError, load_checkpoint
+from rgkern.core.model import default_n_layers
+from rgkern.tools.train import (
     CHECKPOINT_NAME,
     HISTORY_NAME,
     PRESETS,
@@ -209,7 +209,7 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before the output folder was checked")
 
-    monkeypatch.setattr("rgkern.train.load_images", no_data)
+    monkeypatch.setattr("rgkern.tools.train.load_images", no_data)
     with pytest.raises(PermissionError, match="not writable"):
         train(tiny(), blocker / "run", progress=False, log=quiet)
 

@@ -69,8 +69,8 @@ import torch
 from . import distributed as dist_utils
 from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
-from .model import RGFlow
-from .preprocess import bits_per_dim, preprocess
+from ..core.model import RGFlow
+from ..core.preprocess import bits_per_dim, preprocess
 
 __all__ = [
     "PRESETS",
@@ -294,7 +294,7 @@ def batch_indices(step: int, num_images: int, batch_size: int, seed: int) -> tor
 
 def load_images(name: str, root=None, split: str = "train", size: int | None = None, progress: bool = True) -> torch.Tensor:
     """uint8 ``(N, C, L, L)`` images of a dataset split (:func:`rgkern.data.load_dataset`)."""
-    from .data import load_dataset
+    from ..data import load_dataset
 
     dataset = load_dataset(name, root=root, split=split, size=size, progress=progress)
     images = getattr(dataset, "images", None)

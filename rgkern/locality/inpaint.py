@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from ..core import ops
 from .incremental import IncrementalEncoder, decode_cone_values, region_decode_plan
 
 __all__ = ["inpaint", "InpaintResult", "InpaintProblem", "add_cli", "run_cli", "psnr", "central_known_mask"]
@@ -307,7 +307,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     The handler is stored as ``func`` in the parsed namespace (``args.func(args)``, returns
     an exit code); it is :func:`run_cli`.
     """
-    from .cli import add_common_options, positive_int
+    from ..cli import add_common_options, positive_int
 
     parser = subparsers.add_parser(
         "inpaint",
@@ -338,11 +338,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 def run_cli(args) -> int:
     """Handler of the ``inpaint`` subcommand (see :func:`add_cli`); returns an exit code."""
-    from .checkpoint import load_model
-    from .data import load_dataset
-    from .preprocess import postprocess, preprocess
+    from ..core.preprocess import postprocess, preprocess
+    from ..data import load_dataset
+    from ..tools.checkpoint import load_model
 
-    from .cli import checkpoint_path, setup_runtime
+    from ..cli import checkpoint_path, setup_runtime
 
     device = setup_runtime(args)
     checkpoint = checkpoint_path(args.checkpoint)
@@ -396,7 +396,7 @@ def run_cli(args) -> int:
         if "all_latents" in results:
             row.append(results["all_latents"]["images"][b])
         rows.append(row)
-    from .plots import save_image_grid
+    from ..tools.plots import save_image_grid
 
     save_image_grid(
         torch.stack([image for row in rows for image in row]), out / "inpaint.png",

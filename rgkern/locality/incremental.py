@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .reference import logdet_dtype
+from ..core import ops
+from ..core.reference import logdet_dtype
 
 __all__ = [
     "IncrementalEncoder",

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import _atomic_write
 from .plots import save_image_grid
-from .preprocess import postprocess
+from ..core.preprocess import postprocess
 
 __all__ = ["sample_images", "write_samples", "parse_temperature", "check_writable", "BF16_SAMPLE_TOLERANCE"]
 

@@ -8,8 +8,8 @@ for ``backend="triton"``)::
     affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse) -> (y (N, D), logdet (N,))
 
 They check their inputs (one check, one message naming the value), make them contiguous
-and call thin ``torch.autograd.Function``\\ s (:class:`GatherPatches`,
-:class:`ScatterPatches`, :class:`AffineCoupling`) whose forward and backward only call the
+and call thin ``torch.autograd.Function``\\ s (:class:`GatherPatchesFunction`,
+:class:`ScatterPatchesFunction`, :class:`AffineCouplingFunction`) whose forward and backward only call the
 host functions in :mod:`rgkern.kernels`.
 
 torch.library: the forward and backward computations are also registered as operators in
@@ -26,19 +26,19 @@ through the public functions.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernels._launch import is_interpreted
-from .kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
-from .kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
-from .kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
+from ..kernels._launch import is_interpreted
+from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
+from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
+from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
 from .reference import logdet_dtype
 
 __all__ = [
     "gather_patches",
     "scatter_patches",
     "affine_coupling",
-    "GatherPatches",
-    "ScatterPatches",
-    "AffineCoupling",
+    "GatherPatchesFunction",
+    "ScatterPatchesFunction",
+    "AffineCouplingFunction",
     "REGISTRATION",
     "NAMESPACE",
 ]
@@ -172,7 +172,7 @@ def _run(name: str, *args):
 
 
 # --------------------------------------------------------------------------- autograd Functions
-class GatherPatches(torch.autograd.Function):
+class GatherPatchesFunction(torch.autograd.Function):
     """rows = gather_patches(x, row_index); inputs contiguous and validated by the caller."""
 
     @staticmethod
@@ -188,7 +188,7 @@ class GatherPatches(torch.autograd.Function):
         return _run("gather_patches_backward", grad_rows.contiguous(), row_index, ctx.image_shape), None
 
 
-class ScatterPatches(torch.autograd.Function):
+class ScatterPatchesFunction(torch.autograd.Function):
     """image = scatter_patches(x, rows, row_index); inputs contiguous and validated by the caller."""
 
     @staticmethod
@@ -204,7 +204,7 @@ class ScatterPatches(torch.autograd.Function):
         return grad_x, grad_rows, None
 
 
-class AffineCoupling(torch.autograd.Function):
+class AffineCouplingFunction(torch.autograd.Function):
     """(y, logdet) = affine_coupling(...); inputs contiguous and validated by the caller.
 
     Gradients flow to x, s_raw, t_raw, s_scale and t_scale; the mask is a constant.
@@ -291,7 +291,7 @@ def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
     """
     x = _check_image("x", x)
     row_index = _check_row_index(row_index, x)
-    return GatherPatches.apply(x, row_index)
+    return GatherPatchesFunction.apply(x, row_index)
 
 
 def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
@@ -310,7 +310,7 @@ def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor
             f"rows has shape {tuple(rows.shape)}, expected (B*P, D) = {expected} for x of shape "
             f"{tuple(x.shape)} and row_index of shape {tuple(row_index.shape)}"
         )
-    return ScatterPatches.apply(x, rows.contiguous(), row_index)
+    return ScatterPatchesFunction.apply(x, rows.contiguous(), row_index)
 
 
 def _promote_to(x: torch.Tensor, value):
@@ -362,7 +362,7 @@ def affine_coupling(
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({x.shape[1]},)")
     if mask.requires_grad:
         raise ValueError("mask requires grad, but the coupling mask is a constant; pass mask.detach()")
-    return AffineCoupling.apply(
+    return AffineCouplingFunction.apply(
         x.contiguous(),
         s_raw.contiguous(),
         t_raw.contiguous(),

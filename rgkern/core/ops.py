@@ -42,9 +42,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 
 def _kernels():
-    from . import triton_ops
+    from . import functions
 
-    return triton_ops
+    return functions
 
 
 def gather_patches(x, row_index, backend="torch"):

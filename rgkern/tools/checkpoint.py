@@ -156,7 +156,7 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a
     ``ValueError``) for a corrupt file or one whose config differs from ``model``'s.
     """
-    from .model import RGFlow
+    from ..core.model import RGFlow
 
     path = Path(path)
     document, tensors = _read(path)
@@ -202,7 +202,7 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
 def load_model(path, device="cpu", backend="auto"):
     """An :class:`rgkern.RGFlow` rebuilt from the checkpoint at ``path``, in eval mode."""
     result = load_checkpoint(path, map_location=device)
-    from .ops import check_backend
+    from ..core.ops import check_backend
 
     model = result["model"].to(device)
     model.backend = check_backend(backend)

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .preprocess import postprocess, preprocess
+from ..core.preprocess import postprocess, preprocess
 
 __all__ = [
     "latent_positions",
@@ -174,7 +174,7 @@ def _receptive_fields(model, z: torch.Tensor, elements: torch.Tensor, progress: 
     one position (one per channel) share a pass as rows of one batch. Pixels outside the cone
     are never computed, so their receptive field is exactly zero.
     """
-    from .incremental import IncrementalDecoder, run_cone_plan
+    from ..locality.incremental import IncrementalDecoder, run_cone_plan
 
     N, C, L, _ = z.shape
     z = z.detach()
@@ -529,7 +529,7 @@ def progressive_generation(model, z) -> torch.Tensor:
 # --------------------------------------------------------------------------- command line
 def _load(args):
     from .checkpoint import load_model
-    from .cli import checkpoint_path, setup_runtime
+    from ..cli import checkpoint_path, setup_runtime
 
     model = load_model(checkpoint_path(args.checkpoint), device=setup_runtime(args))
     return model, torch.Generator().manual_seed(args.seed)
@@ -542,7 +542,7 @@ def _draw_latents(model, n: int, temperature, generator) -> torch.Tensor:
 
 def _data_images(args, model, count: int, offset: int = 0) -> torch.Tensor:
     """``count`` uint8 test images of ``--data`` from index ``offset``, checked against the model."""
-    from .data import load_dataset
+    from ..data import load_dataset
 
     dataset = load_dataset(args.data, root=args.data_root, split="test", size=offset + count, seed=args.seed,
                            progress=not args.no_progress)
@@ -637,7 +637,7 @@ def _run_progressive(args) -> int:
 
 
 def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
-    from .cli import add_common_options, positive_int
+    from ..cli import add_common_options, positive_int
     from .sampling import parse_temperature
 
     parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")

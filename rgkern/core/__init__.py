@@ -1,0 +1,9 @@
+"""The model layer: index geometry, the per-sublayer ops and their backends, the RG-Flow model.
+
+``geometry`` (index tables, RG levels, cones), ``reference`` (pure-PyTorch ops),
+``functions`` (the autograd Functions over the Triton kernels of :mod:`rgkern.kernels`,
+and their torch.library registration), ``ops`` (backend dispatch), ``model`` (``RGFlow``),
+``priors`` and ``preprocess`` (8-bit images <-> model space).
+
+Imports only :mod:`rgkern.kernels` and itself; nothing in here imports a higher layer.
+"""
