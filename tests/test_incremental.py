@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.locality.incremental import IncrementalDecoder, IncrementalEncoder, decode_region
+from rgkern.locality.incremental import IncrementalDecoder, IncrementalEncoder
+from rgkern.locality.region import decode_region
 from utils import random_images
 from utils import tiny_model
 

@@ -14,11 +14,12 @@ work saved:
   110, 135, 160 patch evaluations for a 10x10 region at L = 32 .. 512, k = 4).
 * :class:`IncrementalDecoder` does the same in the z -> x direction for a change of latents
   (``model.geometry.generation_patches(latents)``).
-* :meth:`IncrementalEncoder.evaluate` and :func:`decode_region` are the differentiable
-  counterparts used by inpainting (:mod:`rgkern.inpaint`): they run the same dirty-patch
-  schedule on a compact state holding only the values of the cone's pixel positions, never
-  touch a full image, and leave the cache alone, so autograd can flow through
-  ``Sublayer.transform_rows``.
+* :meth:`IncrementalEncoder.evaluate` is the differentiable counterpart used by inpainting
+  (:mod:`rgkern.locality.inpaint`): it runs the same dirty-patch schedule (a
+  :class:`~rgkern.locality.plans.ConePlan`) on a compact state holding only the values of
+  the cone's pixel positions, never touches a full image, and leaves the cache alone, so
+  autograd can flow through ``Sublayer.transform_rows``
+  (:func:`rgkern.locality.region.decode_region` does the same for generation).
 
 Conventions: images are ``(B, C, L, L)``; masks (``region``, ``latents``) are bool
 ``(L, L)`` and apply to every sample and every channel; a "position" is a flat pixel index
@@ -34,181 +35,9 @@ import torch
 
 from ..core import ops
 from ..core.reference import logdet_dtype
+from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
-__all__ = [
-    "IncrementalEncoder",
-    "IncrementalDecoder",
-    "ConePlan",
-    "ConeEvaluation",
-    "build_cone_plan",
-    "run_cone_plan",
-    "region_decode_plan",
-    "decode_cone_values",
-    "decode_region",
-]
-
-_PLAN_CACHE_SIZE = 64
-
-
-# --------------------------------------------------------------------------------- plans
-@dataclass(frozen=True, eq=False)
-class _Stage:
-    """One sublayer's share of a :class:`ConePlan` (all tensors on the plan's device).
-
-    ``patches (P',)``: patch indices to evaluate; ``row_index (P', D)``: their element
-    indices into a ``(C, L, L)`` image (a subset of ``Geometry.row_index``); ``pixels
-    (P', k*k)``: their flat pixel positions; ``slots (P', k*k)``: where those pixels live
-    in the compact state; ``fresh (P', k*k)``: True where the pixel is already dirty when
-    this sublayer runs (read from the compact state), False where its cached value holds;
-    ``passthrough (E,)``: element indices of pixels dirty on entry that no evaluated patch
-    covers (copied unchanged to the next cached image by the in-place update).
-    """
-
-    sublayer: int
-    patches: torch.Tensor
-    row_index: torch.Tensor
-    pixels: torch.Tensor
-    slots: torch.Tensor
-    fresh: torch.Tensor
-    all_fresh: bool
-    passthrough: torch.Tensor
-
-
-@dataclass(frozen=True, eq=False)
-class ConePlan:
-    """The dirty-patch schedule of one change, in the order the sublayers run.
-
-    Attributes:
-        positions: LongTensor ``(n,)``, sorted flat positions of every pixel the change
-            reaches (the start mask plus the pixels of every evaluated patch): the compact
-            state holds the values at these positions.
-        start_slots: LongTensor ``(n0,)``, slots of the start mask's positions (row-major).
-        stages: one :class:`_Stage` per sublayer, in running order.
-        patch_evals: patches evaluated per image (sum over stages).
-        covers_everything: True if every patch of every sublayer is evaluated.
-        inverse: True for the z -> x direction.
-    """
-
-    positions: torch.Tensor
-    start_slots: torch.Tensor
-    stages: tuple
-    patch_evals: int
-    covers_everything: bool
-    inverse: bool
-
-    def slots_of(self, mask: torch.Tensor) -> torch.Tensor:
-        """Slots (LongTensor, plan device) of the True positions of bool ``mask (L, L)``.
-
-        Raises ``ValueError`` if a position of ``mask`` is not in ``positions``.
-        """
-        wanted = mask.detach().cpu().flatten().nonzero().flatten()
-        positions = self.positions.cpu()
-        slots = torch.searchsorted(positions, wanted)
-        inside = slots < len(positions)
-        if not bool(inside.all()) or not torch.equal(positions[slots], wanted):
-            raise ValueError("mask has positions outside the plan's cone")
-        return slots.to(self.positions.device)
-
-
-def build_cone_plan(geometry, start: torch.Tensor, stages, inverse: bool, device="cpu") -> ConePlan:
-    """Build a :class:`ConePlan` from a start mask and ``(sublayer, patch indices)`` pairs.
-
-    Args:
-        geometry: the model's :class:`rgkern.geometry.Geometry`.
-        start: bool ``(L, L)``, the positions whose values are given (changed pixels for an
-            encode, changed latents for a decode).
-        stages: iterable of ``(sublayer index, LongTensor of patch indices)`` in running
-            order (x -> z order of sublayers for an encode, reversed for a decode).
-        inverse: the direction the sublayers run in.
-        device: where the plan's index tensors live.
-    """
-    # Index tables are built outside inference mode so that a plan first made under
-    # torch.inference_mode() can later serve a pass that autograd records.
-    with torch.inference_mode(False):
-        L, C = geometry.image_size, geometry.channels
-        plane = L * L
-        start_flat = start.detach().cpu().flatten().clone()
-        stages = [(int(s), idx.detach().cpu().clone().long()) for s, idx in stages]
-        reached = start_flat.clone()
-        for s, idx in stages:
-            reached[geometry.sublayers[s].pixel_index[idx].flatten()] = True
-        positions = reached.nonzero().flatten()
-        slot_of = torch.full((plane,), -1, dtype=torch.long)
-        slot_of[positions] = torch.arange(len(positions))
-        channel_offsets = torch.arange(C)[:, None] * plane
-
-        dirty = start_flat.clone()
-        built = []
-        covers_everything = True
-        for s, idx in stages:
-            sub = geometry.sublayers[s]
-            covers_everything &= len(idx) == sub.num_patches
-            pixels = sub.pixel_index[idx]  # (P', k*k)
-            fresh = dirty[pixels]
-            covered = torch.zeros(plane, dtype=torch.bool)
-            covered[pixels.flatten()] = True
-            passthrough_pixels = (dirty & ~covered).nonzero().flatten()
-            passthrough = (channel_offsets + passthrough_pixels[None, :]).flatten()
-            dirty[pixels.flatten()] = True
-            built.append(
-                _Stage(
-                    sublayer=s,
-                    patches=idx.to(device),
-                    row_index=geometry.row_index(s)[idx].to(device),
-                    pixels=pixels.to(device),
-                    slots=slot_of[pixels].to(device),
-                    fresh=fresh.to(device),
-                    all_fresh=bool(fresh.all()),
-                    passthrough=passthrough.to(device),
-                )
-            )
-        return ConePlan(
-            positions=positions.to(device),
-            start_slots=slot_of[start_flat.nonzero().flatten()].to(device),
-            stages=tuple(built),
-            patch_evals=sum(len(idx) for _, idx in stages),
-            covers_everything=covers_everything and len(stages) == len(geometry.sublayers),
-            inverse=inverse,
-        )
-
-
-def run_cone_plan(model, plan: ConePlan, values: torch.Tensor, base_images=None, backend: str = "torch"):
-    """Run ``plan`` on a compact state; differentiable, no full image is touched.
-
-    Args:
-        model: the :class:`rgkern.RGFlow` whose sublayers run.
-        plan: a :class:`ConePlan`.
-        values: ``(B', C, n)`` compact state over ``plan.positions``; only the start slots
-            need meaningful values (others are overwritten before they are read).
-        base_images: where entries that are not yet dirty are read from: a sequence indexed
-            by sublayer ``s`` giving that sublayer's input image ``(B, C, L, L)`` in the
-            plan's direction, with ``B' = B * R`` (sample ``b`` of the base serves rows
-            ``b*R .. b*R + R-1`` of the state). Not needed when every read is fresh.
-        backend: concrete backend for the couplings (``"torch"`` or ``"triton"``).
-    Returns:
-        ``(values, logdets)``: the final compact state ``(B', C, n)`` and, per stage, the
-        log-det of each evaluated patch ``(B', P')`` (float64 for float64 data, else float32)
-        in the plan's direction.
-    """
-    batch, C = values.shape[0], values.shape[1]
-    D = model.geometry.patch_dim
-    logdets = []
-    for stage in plan.stages:
-        num, kk = stage.pixels.shape
-        rows = values[:, :, stage.slots]  # (B', C, P', k*k)
-        if not stage.all_fresh:
-            if base_images is None:
-                raise ValueError("this plan reads cached values, but no base_images were given")
-            base = base_images[stage.sublayer].flatten(2)[:, :, stage.pixels]
-            if base.shape[0] != batch:
-                base = base.repeat_interleave(batch // base.shape[0], dim=0)
-            rows = torch.where(stage.fresh, rows, base)
-        rows = rows.permute(0, 2, 1, 3).reshape(batch * num, D)
-        out, logdet = model.sublayers[stage.sublayer].transform_rows(rows, inverse=plan.inverse, backend=backend)
-        out = out.reshape(batch, num, C, kk).permute(0, 2, 1, 3).reshape(batch, C, num * kk)
-        values = values.index_copy(2, stage.slots.flatten(), out)
-        logdets.append(logdet.reshape(batch, num))
-    return values, logdets
+__all__ = ["IncrementalEncoder", "IncrementalDecoder", "ConeEvaluation"]
 
 
 def _sum_logdets(logdets, batch, dtype, device):
@@ -344,7 +173,7 @@ class _CachedPass:
                 patches = self.geometry.inference_patches(mask_cpu)
             stages = [(s, patches[s]) for s in self._order()]
             plan = build_cone_plan(self.geometry, mask_cpu, stages, self._inverse, device)
-            if len(self._plans) >= _PLAN_CACHE_SIZE:
+            if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         return plan
@@ -587,59 +416,3 @@ class IncrementalDecoder(_CachedPass):
         Raises as :meth:`IncrementalEncoder.update`.
         """
         return self._update(z_new, latents, check_region)
-
-
-# --------------------------------------------------------------------------------- restricted generation
-_REGION_PLANS: dict = {}
-
-
-def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
-    """The plan that generates only the pixels of ``region`` from the latents of its cone.
-
-    A pixel depends, through the decode, exactly on the latents of its inference cone
-    (paths through the sublayers' patches read the same both ways), so the pixels of
-    ``region`` are computed from ``z`` at ``geometry.inference_cone(region)`` by evaluating
-    the patches of ``geometry.inference_patches(region)`` in the z -> x order: as many
-    patch evaluations as an incremental encode of the region, and no cached image.
-    """
-    mask_cpu = geometry._check_mask(region, "region")
-    key = (geometry.image_size, geometry.kernel_size, geometry.channels, mask_cpu.numpy().tobytes(), str(torch.device(device)))
-    plan = _REGION_PLANS.get(key)
-    if plan is None:
-        patches = geometry.inference_patches(mask_cpu)
-        cone = geometry.inference_cone(mask_cpu)
-        stages = [(s, patches[s]) for s in range(len(patches) - 1, -1, -1)]
-        plan = build_cone_plan(geometry, cone, stages, inverse=True, device=device)
-        if len(_REGION_PLANS) >= _PLAN_CACHE_SIZE:
-            _REGION_PLANS.pop(next(iter(_REGION_PLANS)))
-        _REGION_PLANS[key] = plan
-    return plan
-
-
-def decode_cone_values(model, plan: ConePlan, cone_values: torch.Tensor, region_slots: torch.Tensor, backend: str):
-    """Differentiable: latents at ``plan.positions`` ``(B, C, n)`` -> pixels at ``region_slots``."""
-    state, _ = run_cone_plan(model, plan, cone_values, None, backend)
-    return state[:, :, region_slots]
-
-
-def decode_region(model, z: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Generate only the pixels of ``region`` from latents: ``model.decode(z)[..., region]``.
-
-    Args:
-        model: an :class:`rgkern.RGFlow`.
-        z: ``(B, C, L, L)`` latents; only those in ``model.geometry.inference_cone(region)``
-            are read.
-        region: bool ``(L, L)``, non-empty.
-    Returns:
-        ``(B, C, n)`` pixel values of the ``n`` positions of ``region`` in row-major order,
-        differentiable in ``z``. Work: ``len(inference_patches(region))`` patch evaluations.
-    """
-    model._check_images(z, "z", check_finite=False)
-    geometry = model.geometry
-    mask_cpu = geometry._check_mask(region, "region")
-    if not bool(mask_cpu.any()):
-        raise ValueError("region is empty; expected at least one pixel to generate")
-    plan = region_decode_plan(geometry, mask_cpu, z.device)
-    backend = ops.resolve_backend(model.backend, z)
-    cone_values = z.flatten(2)[:, :, plan.positions]
-    return decode_cone_values(model, plan, cone_values, plan.slots_of(mask_cpu), backend)

@@ -11,7 +11,7 @@ runs, on a compact state over the cone's positions and with autograd through
 ``Sublayer.transform_rows``:
 
 1. the restricted generation of the unknown pixels from the cone's latents
-   (:func:`rgkern.incremental.decode_cone_values`, the region's inference patches in
+   (:func:`rgkern.locality.region.decode_cone_values`, the region's inference patches in
    z -> x order);
 2. the incremental encode of the filled image (:meth:`IncrementalEncoder.evaluate` on a
    cache of the image with the unknown pixels zeroed), whose log-density equals
@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 from ..core import ops
-from .incremental import IncrementalEncoder, decode_cone_values, region_decode_plan
+from .incremental import IncrementalEncoder
+from .region import decode_cone_values, region_decode_plan
 
 __all__ = ["inpaint", "InpaintResult", "InpaintProblem", "add_cli", "run_cli", "psnr", "central_known_mask"]
 

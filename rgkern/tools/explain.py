@@ -168,13 +168,15 @@ def _receptive_fields(model, z: torch.Tensor, elements: torch.Tensor, progress: 
     plain operands through slow Python decompositions, some 20 times slower here).
 
     The work runs on the latent's generation cone only:
-    :class:`rgkern.incremental.IncrementalDecoder` caches every sublayer's input from one full
-    decode of ``z (N, C, L, L)``, and :func:`rgkern.incremental.run_cone_plan` re-evaluates just
-    the patches of ``geometry.generation_patches`` for that latent's position. The latents of
+    :class:`rgkern.locality.incremental.IncrementalDecoder` caches every sublayer's input
+    from one full decode of ``z (N, C, L, L)``, and
+    :func:`rgkern.locality.plans.run_cone_plan` re-evaluates just the patches of
+    ``geometry.generation_patches`` for that latent's position. The latents of
     one position (one per channel) share a pass as rows of one batch. Pixels outside the cone
     are never computed, so their receptive field is exactly zero.
     """
-    from ..locality.incremental import IncrementalDecoder, run_cone_plan
+    from ..locality.incremental import IncrementalDecoder
+    from ..locality.plans import run_cone_plan
 
     N, C, L, _ = z.shape
     z = z.detach()
