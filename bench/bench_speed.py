@@ -38,7 +38,8 @@ import torch
 import rgkern
 from rgkern.core.model import default_n_layers
 from rgkern.tools.sampling import sample_images
-from rgkern.tools.train import TrainConfig, Trainer
+from rgkern.tools.presets import TrainConfig
+from rgkern.tools.train import Trainer
 
 HAS_CUDA = torch.cuda.is_available()
 COMPILE = HAS_CUDA and os.environ.get("RGKERN_BENCH_COMPILE", "1") != "0"

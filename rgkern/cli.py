@@ -86,7 +86,7 @@ def checkpoint_path(text: str) -> Path:
 # ----------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
     from .data import DATASET_NAMES
-    from .tools.train import preset_names
+    from .tools.presets import preset_names
 
     parser = subparsers.add_parser(
         "train",
@@ -125,7 +125,8 @@ def _run_train(args) -> int:
     from .tools.distributed import context_from_environment
     from .tools.plots import plot_history, save_image_grid
     from .tools.sampling import parse_temperature, write_samples
-    from .tools.train import load_images, make_config, train
+    from .tools.presets import make_config
+    from .tools.train import load_images, train
 
     main_process = context_from_environment().is_main
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)

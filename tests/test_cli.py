@@ -12,7 +12,8 @@ from PIL import Image
 from rgkern import cli
 from rgkern.tools.plots import image_grid, plot_history, save_image_grid
 from rgkern.tools.sampling import parse_temperature, sample_images, write_samples
-from rgkern.tools.train import build_model, make_config
+from rgkern.tools.presets import make_config
+from rgkern.tools.train import build_model
 
 
 @pytest.fixture(scope="module")

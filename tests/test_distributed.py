@@ -15,7 +15,8 @@ from rgkern import cli
 from rgkern.tools import distributed as dist_utils
 from rgkern.tools.checkpoint import load_checkpoint
 from rgkern.tools.distributed import DistributedContext, DistributedSetupError
-from rgkern.tools.train import CHECKPOINT_NAME, batch_indices, make_config, train
+from rgkern.tools.presets import make_config
+from rgkern.tools.train import CHECKPOINT_NAME, batch_indices, train
 
 STEPS = 4
 

@@ -7,19 +7,16 @@ import torch
 
 from rgkern.tools.checkpoint import CheckpointError, load_checkpoint
 from rgkern.core.model import default_n_layers
+from rgkern.tools.presets import PRESETS, TrainConfig, make_config, preset_names
 from rgkern.tools.train import (
     CHECKPOINT_NAME,
     HISTORY_NAME,
-    PRESETS,
     NonFiniteError,
-    TrainConfig,
     Trainer,
     batch_indices,
     build_model,
     evaluate_bpd,
     load_images,
-    make_config,
-    preset_names,
     train,
 )
 

@@ -1,7 +1,8 @@
 """The tools layer: what is built on the model for training and looking at it.
 
-``train`` (presets, the trainer), ``sampling``, ``explain``, ``checkpoint``,
-``distributed`` (torchrun / DDP) and ``plots``.
+``presets`` (training presets and ``TrainConfig``), ``train`` (the trainer),
+``compile`` (the ``torch.compile`` helper training and sampling share), ``sampling``,
+``explain``, ``checkpoint``, ``distributed`` (torchrun / DDP) and ``plots``.
 
 Imports :mod:`rgkern.core`, :mod:`rgkern.locality` and :mod:`rgkern.data`; never the
 command line.

@@ -104,7 +104,7 @@ def sample_images(
         progress: show a tqdm bar.
         compile: decode with ``torch.compile(fullgraph=True)`` (backend from
             ``$RGKERN_COMPILE_BACKEND``, default inductor; see
-            :func:`rgkern.train.compile_function`).
+            :func:`rgkern.tools.compile.compile_function`).
         cuda_graphs: compile with ``mode="reduce-overhead"`` (CUDA graphs); needs the model on
             a CUDA device (``ValueError`` otherwise); implies ``compile``.
         bf16: run the decoder under ``torch.autocast(dtype=bfloat16)`` (float32 models only):
@@ -138,7 +138,7 @@ def sample_images(
         return postprocess(model.decode(z))
 
     if compile or cuda_graphs:
-        from .train import compile_function
+        from .compile import compile_function
 
         decode = compile_function(decode, param.device, cuda_graphs=cuda_graphs)
     pad = compile or cuda_graphs

@@ -6,7 +6,7 @@ The loss is the mean negative log-likelihood of 8-bit images in bits per dimensi
 
 Reproducibility and resume
 --------------------------
-A run is a pure function of its :class:`TrainConfig` (and the device's arithmetic):
+A run is a pure function of its :class:`~rgkern.tools.presets.TrainConfig` (and the device's arithmetic):
 
 * The model is initialised from ``torch.manual_seed(seed)`` (inside ``fork_rng``, so the
   caller's global RNG is left alone).
@@ -43,7 +43,7 @@ Speed and scale
   single-process run up to float rounding (:mod:`rgkern.distributed` says how).
 * ``bf16``: bfloat16 autocast around the model (:meth:`Trainer.loss`).
 * ``compile``: the model's ``log_prob`` goes through ``torch.compile(fullgraph=True)``
-  (:func:`compile_function`); ``cuda_graphs`` (CUDA only) uses ``mode="reduce-overhead"``,
+  (:func:`rgkern.tools.compile.compile_function`); ``cuda_graphs`` (CUDA only) uses ``mode="reduce-overhead"``,
   which also captures the compiled forward and backward in CUDA graphs. Both keep the data
   order and noise, so a run with them follows the eager run to float rounding; resuming
   with them switched on or off is allowed.
@@ -54,29 +54,25 @@ Speed and scale
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import distributed as dist_utils
-from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
-from .distributed import DistributedContext
 from ..core.model import RGFlow
 from ..core.preprocess import bits_per_dim, preprocess
+from . import distributed as dist_utils
+from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
+from .compile import compile_function
+from .distributed import DistributedContext
+from .presets import PRESETS, TrainConfig
 
 __all__ = [
-    "PRESETS",
-    "TrainConfig",
-    "make_config",
-    "preset_names",
     "Trainer",
     "TrainResult",
     "train",
@@ -85,8 +81,6 @@ __all__ = [
     "load_images",
     "build_model",
     "check_output_folder",
-    "compile_function",
-    "COMPILE_BACKEND_ENV",
     "NonFiniteError",
     "EVAL_NOISE_SEED",
     "CHECKPOINT_NAME",
@@ -100,165 +94,6 @@ HISTORY_NAME = "history.json"
 # Settings that fix the trajectory of a run: resuming with any of them changed would not
 # continue the same run, so it is refused.
 _RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "weight_decay", "grad_clip", "seed", "bf16")
-
-# RGFlow keyword arguments (image_size and channels come from the data) and training
-# settings. "paper" is the paper's CelebA/CIFAR model (appendix A), "paper-msds" its MSDS
-# model (appendix B: n_layer = 4, n_res = 4); both are GPU-sized. "cpu" is a small model that
-# shows learning on MSDS1 in a few minutes on a 2-core CPU. "tiny" is for tests only.
-PRESETS: dict[str, dict] = {
-    "paper": dict(
-        model=dict(kernel_size=4, n_layers=None, hidden=512, n_res=4, n_mlp=2, prior="laplace"),
-        data="cifar10",
-        train_size=None,
-        test_size=None,
-        batch_size=64,
-        steps=390_000,  # about 500 epochs of the 50,000 CIFAR-10 training images
-        eval_every=5_000,
-        checkpoint_every=5_000,
-        description="the paper's model (appendix A: n_layers (8, 6, 4, 2), hidden 512, n_res 4, n_mlp 2); needs a GPU",
-    ),
-    "paper-msds": dict(
-        model=dict(kernel_size=4, n_layers=4, hidden=512, n_res=4, n_mlp=2, prior="laplace"),
-        data="msds1",
-        train_size=None,
-        test_size=None,
-        batch_size=64,
-        steps=703_000,  # about 500 epochs of the 90,000 MSDS training images
-        eval_every=5_000,
-        checkpoint_every=5_000,
-        description="the paper's MSDS model (appendix B: n_layers 4, hidden 512, n_res 4, n_mlp 2); needs a GPU",
-    ),
-    "cpu": dict(
-        # Measured on a shared 2-core CPU, MSDS1, one thread, held-out bits/dim after 1,000 steps
-        # (batch 32): n_layers 2 / hidden 64 / lr 1e-2: 3.61 (163 s); n_layers 2 / hidden 64 /
-        # lr 2e-2: 3.54; n_layers 3 / hidden 48 / lr 2e-2: 3.39 (depth helps more than width);
-        # a cosine lr decay did not help in runs this short. Earlier: batch 32 learns as much per
-        # step as 64 at half the cost; lr 1e-3 is far too slow here.
-        model=dict(kernel_size=4, n_layers=3, hidden=48, n_res=1, n_mlp=1, prior="laplace"),
-        data="msds1",
-        train_size=4_000,
-        test_size=500,
-        batch_size=32,
-        lr=2e-2,
-        steps=1_200,
-        eval_every=100,
-        checkpoint_every=600,
-        description=(
-            "the small CPU preset (n_layers 3, hidden 48, n_res 1, n_mlp 1, lr 2e-2, batch 32) on 4,000 MSDS1 "
-            "images; the paper-size model (--preset paper or paper-msds) needs a GPU"
-        ),
-    ),
-    "tiny": dict(
-        model=dict(kernel_size=4, n_layers=1, hidden=8, n_res=1, n_mlp=0, prior="laplace"),
-        data="msds1",
-        train_size=64,
-        test_size=32,
-        batch_size=16,
-        lr=1e-2,
-        steps=8,
-        eval_every=4,
-        checkpoint_every=4,
-        description="a tiny model for tests",
-        hidden=True,
-    ),
-}
-
-
-def preset_names(include_hidden: bool = False) -> list[str]:
-    """Names of the presets (without the test-only ones unless ``include_hidden``)."""
-    return [name for name, preset in PRESETS.items() if include_hidden or not preset.get("hidden")]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run.
-
-    ``model``: :class:`rgkern.RGFlow` keyword arguments except ``image_size`` and
-    ``channels`` (taken from the data). ``data``/``data_root``: see
-    :func:`rgkern.data.load_dataset`. ``train_size``/``test_size``: the first images of the
-    train/test split (``None``: all). ``steps``: total optimiser updates. ``eval_every``:
-    held-out bits/dim every so many steps (and at step 0 and the last step).
-    ``checkpoint_every``: checkpoint every so many steps (and at the last step).
-    ``bf16``: bfloat16 autocast around the model (see :meth:`Trainer.loss`). ``compile``:
-    ``torch.compile`` the model's ``log_prob`` (fullgraph); ``cuda_graphs``: the same with
-    ``mode="reduce-overhead"`` (CUDA graphs; CUDA only, implies ``compile``). ``batch_size``
-    is the global batch under torchrun (split over the processes). ``device``:
-    ``None`` picks CUDA when available, else the CPU. ``sample_temperature``: for the sample
-    grid the CLI writes at the end (a float or one per RG level).
-    """
-
-    model: dict = field(default_factory=dict)
-    preset: str | None = None
-    data: str = "msds1"
-    data_root: str | None = None
-    train_size: int | None = None
-    test_size: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 5e-5
-    grad_clip: float = 1.0
-    steps: int = 1_000
-    eval_every: int = 100
-    checkpoint_every: int = 500
-    eval_batch_size: int = 256
-    seed: int = 0
-    bf16: bool = False
-    compile: bool = False
-    cuda_graphs: bool = False
-    device: str | None = None
-    sample_temperature: float | list = 1.0
-
-    def __post_init__(self):
-        def positive_int(name, allow_none=False):
-            value = getattr(self, name)
-            if allow_none and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-        for name in ("batch_size", "steps", "eval_every", "checkpoint_every", "eval_batch_size"):
-            positive_int(name)
-        for name in ("train_size", "test_size"):
-            positive_int(name, allow_none=True)
-        for name in ("lr", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError(f"lr and grad_clip must be > 0, got lr={self.lr!r}, grad_clip={self.grad_clip!r}")
-        for name in ("bf16", "compile", "cuda_graphs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if not isinstance(self.model, dict):
-            raise TypeError(f"model must be a dict of RGFlow keyword arguments, got {type(self.model).__name__}")
-        for key in ("image_size", "channels"):
-            if key in self.model:
-                raise ValueError(f"model must not set {key!r}: it is taken from the data")
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-def make_config(preset: str = "cpu", **overrides) -> TrainConfig:
-    """A :class:`TrainConfig` from a preset name, with keyword ``overrides`` (``None`` values ignored).
-
-    ``model`` in ``overrides`` updates the preset's model dict key by key.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {preset_names()}")
-    settings = copy.deepcopy(PRESETS[preset])
-    settings.pop("description", None)
-    settings.pop("hidden", None)
-    model_overrides = overrides.pop("model", None) or {}
-    settings["model"].update(model_overrides)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
-    return TrainConfig(preset=preset, **settings)
 
 
 class NonFiniteError(RuntimeError):
@@ -332,31 +167,6 @@ def check_output_folder(out) -> Path:
 def _write_json(path: Path, document) -> None:
     text = json.dumps(document, indent=1) + "\n"
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-#: Environment variable naming the ``torch.compile`` backend of :func:`compile_function`
-#: (default ``"inductor"``; ``"aot_eager"`` traces forward and backward without code
-#: generation, which the CPU tests use to stay fast).
-COMPILE_BACKEND_ENV = "RGKERN_COMPILE_BACKEND"
-
-
-def compile_function(fn, device, cuda_graphs: bool = False, backend: str | None = None):
-    """``torch.compile(fn, fullgraph=True)``, with CUDA graphs when ``cuda_graphs``.
-
-    ``cuda_graphs`` selects ``mode="reduce-overhead"`` (inductor captures the compiled code
-    in CUDA graphs and replays them: no per-kernel launch cost for small batches); it needs a
-    CUDA ``device`` and raises ``ValueError`` otherwise. ``backend``: a torch.compile
-    backend, default ``$RGKERN_COMPILE_BACKEND`` or ``"inductor"``. ``fullgraph=True`` makes
-    a graph break an error rather than a silent slow-down; the model's forward and inverse
-    have no host synchronisation (its input-finite check is skipped while compiling).
-    """
-    device = torch.device(device)
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
-    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
-    if cuda_graphs and backend != "inductor":
-        raise ValueError(f"CUDA graphs (mode='reduce-overhead') need the inductor backend, got backend {backend!r}")
-    return torch.compile(fn, fullgraph=True, backend=backend, mode="reduce-overhead" if cuda_graphs else None)
 
 
 class _LogProb(torch.nn.Module):
