@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rgkern import data
+from rgkern.data import msds
 from rgkern.data import (CIFAR10, MSDS, DataNotFoundError, ImageFolder, generate_msds,
                          load_dataset)
 
@@ -204,7 +204,7 @@ def test_msds_cache(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("should have loaded from the cache")
 
-    monkeypatch.setattr(data, "generate_msds", fail)
+    monkeypatch.setattr(msds, "generate_msds", fail)
     second = MSDS(kind=1, split="test", size=5, progress=False, cache_dir=tmp_path)
     assert torch.equal(first.images, second.images)
     for key in first.labels:
