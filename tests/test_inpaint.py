@@ -10,7 +10,8 @@ import torch
 import rgkern
 from utils import random_images
 from utils import tiny_model
-from rgkern.locality.inpaint import InpaintProblem, InpaintResult, add_cli, central_known_mask, inpaint, psnr
+from rgkern.cli.inpaint import add_cli
+from rgkern.locality.inpaint import InpaintProblem, InpaintResult, central_known_mask, inpaint, psnr
 
 
 def images(model, batch=2, seed=1):

@@ -34,12 +34,8 @@ screening; appendix F's recipe is ``init_draws=200, restarts=1``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -47,7 +43,7 @@ from ..core import ops
 from .incremental import IncrementalEncoder
 from .region import decode_cone_values, region_decode_plan
 
-__all__ = ["inpaint", "InpaintResult", "InpaintProblem", "add_cli", "run_cli", "psnr", "central_known_mask"]
+__all__ = ["inpaint", "InpaintResult", "InpaintProblem", "psnr", "central_known_mask"]
 
 
 @dataclass
@@ -279,7 +275,7 @@ def inpaint(
     return InpaintResult(images, log_prob, losses, best_restart, history, free_latents, patch_evals)
 
 
-# --------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------- evaluation helpers
 def central_known_mask(image_size: int, region_size: int) -> torch.Tensor:
     """Bool ``(L, L)``: False on a ``region_size`` square at the image centre, True elsewhere."""
     if isinstance(region_size, bool) or not isinstance(region_size, int) or not 1 <= region_size <= image_size:
@@ -300,125 +296,3 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, region: torch.Tensor, ca
     mse = diff.pow(2).flatten(1).mean(dim=1)
     value = 10 * torch.log10(255.0**2 / mse.clamp_min(1e-30))
     return value.clamp(max=cap)
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Add the ``inpaint`` subcommand to an ``argparse`` subparsers object.
-
-    The handler is stored as ``func`` in the parsed namespace (``args.func(args)``, returns
-    an exit code); it is :func:`run_cli`.
-    """
-    from ..cli import add_common_options, positive_int
-
-    parser = subparsers.add_parser(
-        "inpaint",
-        help="fill a corrupted central region of held-out images (paper appendix F)",
-        description=(
-            "Corrupt a central square of held-out images, fill it by maximum likelihood over the "
-            "latents of its inference cone (incremental) and over all latents (baseline), write a "
-            "PNG grid (original | corrupted | filled | baseline per row) and the PSNR over the region."
-        ),
-    )
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
-    parser.add_argument("--data", default="msds1", help="dataset for rgkern.data.load_dataset (default msds1); its test split is used")
-    parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
-    parser.add_argument("--num", type=positive_int, default=8, help="held-out images to inpaint (default 8)")
-    parser.add_argument("--region-size", type=positive_int, default=10, help="edge of the central square to corrupt (default 10)")
-    parser.add_argument("--steps", type=int, default=100, help="Adam steps (default 100)")
-    parser.add_argument("--restarts", type=positive_int, default=8, help="random restarts per image (default 8)")
-    parser.add_argument("--init-draws", type=int, default=None, help="random draws screened to pick the restarts (default: --restarts)")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the latents (default 0.05)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial draws (default 0)")
-    parser.add_argument("--out", default="inpaint_out", help="output folder for inpaint.png and inpaint.json (default inpaint_out)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="kernel backend (default auto)")
-    parser.add_argument("--skip-baseline", action="store_true", help="do not run the all-latents baseline")
-    add_common_options(parser)
-    parser.set_defaults(func=run_cli)
-    return parser
-
-
-def run_cli(args) -> int:
-    """Handler of the ``inpaint`` subcommand (see :func:`add_cli`); returns an exit code."""
-    from ..core.preprocess import postprocess, preprocess
-    from ..data import load_dataset
-    from ..tools.checkpoint import load_model
-
-    from ..cli import checkpoint_path, setup_runtime
-
-    device = setup_runtime(args)
-    checkpoint = checkpoint_path(args.checkpoint)
-    model = load_model(checkpoint, device=device, backend=args.backend)
-    dtype = next(model.parameters()).dtype
-    dataset = load_dataset(args.data, root=args.data_root, split="test", size=args.num, seed=0)
-    originals = torch.stack([dataset[i] for i in range(min(args.num, len(dataset)))])
-    if tuple(originals.shape[1:]) != (model.channels, model.image_size, model.image_size):
-        raise ValueError(
-            f"dataset {args.data!r} has images of shape {tuple(originals.shape[1:])}, the model expects "
-            f"{(model.channels, model.image_size, model.image_size)}"
-        )
-    known = central_known_mask(model.image_size, args.region_size)
-    x, _ = preprocess(originals, dequantize=False, dtype=dtype)
-    x = x.to(device)
-    corrupted_model_space = torch.where(known.to(device), x, torch.zeros((), dtype=dtype, device=device))
-    corrupted = originals.clone()
-    marker = torch.tensor([255, 0, 0][: model.channels], dtype=torch.uint8)[:, None]
-    corrupted[:, :, ~known] = marker
-
-    # Adam's first construction imports torch._dynamo (seconds): pay it before timing anything.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    results = {}
-    methods = [("cone", True)] + ([] if args.skip_baseline else [("all_latents", False)])
-    for name, incremental in methods:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        start = time.perf_counter()
-        result = inpaint(
-            model, corrupted_model_space, known, steps=args.steps, restarts=args.restarts, lr=args.lr,
-            generator=generator, progress=not args.no_progress, incremental=incremental,
-            init_draws=args.init_draws, return_info=True,
-        )
-        seconds = time.perf_counter() - start
-        filled = postprocess(result.images.cpu())
-        values = psnr(filled, originals, ~known)
-        results[name] = dict(
-            images=filled,
-            psnr=values.tolist(),
-            mean_psnr=float(values.mean()),
-            seconds=seconds,
-            free_latents=int(result.free_latents[0]),
-            patch_evals_per_step=int(result.patch_evals_per_step[0]),
-            final_loss=result.losses.min(dim=1).values.tolist(),
-        )
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for b in range(len(originals)):
-        row = [originals[b], corrupted[b], results["cone"]["images"][b]]
-        if "all_latents" in results:
-            row.append(results["all_latents"]["images"][b])
-        rows.append(row)
-    from ..tools.plots import save_image_grid
-
-    save_image_grid(
-        torch.stack([image for row in rows for image in row]), out / "inpaint.png",
-        nrow=len(rows[0]), scale=max(1, 128 // model.image_size),
-    )
-    summary = {
-        "checkpoint": str(checkpoint),
-        "data": args.data,
-        "num_images": len(originals),
-        "region_size": args.region_size,
-        "steps": args.steps,
-        "restarts": args.restarts,
-        "columns": ["original", "corrupted", "filled (cone)"] + (["baseline (all latents)"] if "all_latents" in results else []),
-        "methods": {name: {k: v for k, v in r.items() if k != "images"} for name, r in results.items()},
-    }
-    (out / "inpaint.json").write_text(json.dumps(summary, indent=1) + "\n")
-    for name, r in results.items():
-        print(
-            f"{name:12s} PSNR over the {args.region_size}x{args.region_size} region: {r['mean_psnr']:.2f} dB "
-            f"(free latents {r['free_latents']}, patch evaluations per step {r['patch_evals_per_step']}, "
-            f"{r['seconds']:.1f} s)"
-        )
-    print(f"wrote {out / 'inpaint.png'} and {out / 'inpaint.json'}")
-    return 0

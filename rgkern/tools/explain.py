@@ -10,8 +10,8 @@
   (sec. 4.5, eq. 15).
 * :func:`progressive_generation`: decode with only the levels ``>= h`` kept, coarse to fine
   (figure 5 a).
-* :func:`add_cli`: the subcommands ``receptive-fields``, ``traverse``, ``mix-temperature``,
-  ``scale-mix`` and ``progressive``, each writing PNGs.
+* The subcommands ``receptive-fields``, ``traverse``, ``mix-temperature``, ``scale-mix`` and
+  ``progressive``, each writing PNGs, are in :mod:`rgkern.cli.explain`.
 
 Conventions shared by every function here
 ------------------------------------------
@@ -29,14 +29,13 @@ Conventions shared by every function here
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..core.preprocess import postprocess, preprocess
+from ..core.preprocess import preprocess
 
 __all__ = [
     "latent_positions",
@@ -51,7 +50,12 @@ __all__ = [
     "scale_mix",
     "scale_mix_all_cuts",
     "progressive_generation",
-    "add_cli",
+    "check_level",
+    "check_channel",
+    "as_latents",
+    "as_model_space",
+    "strongest_latent",
+    "DEFAULT_TRAVERSAL_VALUES",
 ]
 
 DEFAULT_TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
@@ -66,14 +70,16 @@ def _param(model) -> torch.Tensor:
     return next(model.parameters())
 
 
-def _check_level(model, level) -> int:
+def check_level(model, level) -> int:
+    """``level`` itself if it is an RG level of ``model`` (an int in ``0 .. H-1``), else ``ValueError``."""
     H = model.num_levels
     if not _is_int(level) or not 0 <= level < H:
         raise ValueError(f"level {level!r} is out of range; expected an int in 0..{H - 1} (the model has {H} RG levels)")
     return level
 
 
-def _check_channel(model, channel):
+def check_channel(model, channel):
+    """``channel`` itself if it is ``None`` (all channels) or a channel index of ``model``, else ``ValueError``."""
     C = model.channels
     if channel is None:
         return None
@@ -84,7 +90,7 @@ def _check_channel(model, channel):
 
 def latent_positions(model, level: int) -> torch.Tensor:
     """LongTensor ``(P, 2)``: the pixel positions ``(i, j)`` of the latents of RG ``level``, row-major."""
-    level = _check_level(model, level)
+    level = check_level(model, level)
     return (model.levels == level).nonzero()
 
 
@@ -114,7 +120,7 @@ def _check_positions(model, positions, level: int | None) -> torch.Tensor:
     return rows
 
 
-def _as_latents(model, z) -> torch.Tensor:
+def as_latents(model, z) -> torch.Tensor:
     """Latents ``(B, C, L, L)`` from latents (float) or 8-bit images (uint8, encoded at bin centres)."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor of latents (float) or 8-bit images (uint8), got {type(z).__name__}")
@@ -127,7 +133,7 @@ def _as_latents(model, z) -> torch.Tensor:
     return z
 
 
-def _as_model_space(model, x, name: str) -> torch.Tensor:
+def as_model_space(model, x, name: str) -> torch.Tensor:
     """Model-space images from 8-bit (uint8) or model-space (float) images."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (uint8 images or model-space floats), got {type(x).__name__}")
@@ -155,7 +161,7 @@ def _progress(iterable, enabled: bool, **kwargs):
 def _sample_or_check_latents(model, z, num_samples, temperature, generator) -> torch.Tensor:
     if z is None:
         return model.sample_latents(num_samples, temperature, generator=generator)
-    return _as_latents(model, z)
+    return as_latents(model, z)
 
 
 def _receptive_fields(model, z: torch.Tensor, elements: torch.Tensor, progress: bool = False) -> torch.Tensor:
@@ -236,8 +242,8 @@ def receptive_field(
         without the leading ``P`` when ``positions`` is a single pair. Zero outside each
         latent's generation cone (``model.geometry.generation_cone``).
     """
-    level = _check_level(model, level)
-    channel = _check_channel(model, channel)
+    level = check_level(model, level)
+    channel = check_channel(model, channel)
     rows = _check_positions(model, positions, level)
     single = torch.as_tensor(positions).dim() == 1
     z = _sample_or_check_latents(model, z, num_samples, temperature, generator)
@@ -308,7 +314,7 @@ def receptive_fields_per_level(
     return out
 
 
-def _strongest_latent(model, level: int, z: torch.Tensor, channel: int | None) -> tuple[int, int]:
+def strongest_latent(model, level: int, z: torch.Tensor, channel: int | None = None) -> tuple[int, int]:
     """Position ``(i, j)`` of the latent of ``level`` with the strongest receptive field on ``z``."""
     positions = latent_positions(model, level)
     fields = receptive_field(model, level, positions, z, channel=channel)
@@ -382,13 +388,13 @@ def traverse(model, z, level: int, position, channel: int | None = None, values=
         model-space images ``(B, V, C, L, L)``, ``V = len(values)``; image ``[b, v]`` is
         ``decode(z[b])`` with the latent(s) set to ``values[v]``.
     """
-    level = _check_level(model, level)
-    channel = _check_channel(model, channel)
+    level = check_level(model, level)
+    channel = check_channel(model, channel)
     rows = _check_positions(model, position, level)
     if rows.shape[0] != 1:
         raise ValueError(f"position must be one (i, j) pair, got {rows.shape[0]} positions")
     (i, j), = rows.tolist()
-    z = _as_latents(model, z)
+    z = as_latents(model, z)
     values = torch.as_tensor(values, dtype=z.dtype, device=z.device).flatten()
     if values.numel() == 0 or not bool(torch.isfinite(values).all()):
         raise ValueError(f"values must be a non-empty sequence of finite floats, got {values.tolist()}")
@@ -457,7 +463,7 @@ def _check_pair(model, x_a, x_b) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"images to mix must have the same shape, got x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)}"
         )
-    return _as_model_space(model, x_a, "x_a"), _as_model_space(model, x_b, "x_b")
+    return as_model_space(model, x_a, "x_a"), as_model_space(model, x_b, "x_b")
 
 
 def _check_cut(model, cut) -> int:
@@ -522,200 +528,7 @@ def progressive_generation(model, z) -> torch.Tensor:
     Returns:
         model-space images ``(B, H + 1, C, L, L)``.
     """
-    z = _as_latents(model, z)
+    z = as_latents(model, z)
     levels = model.geometry.latent_level_of_elements(z.device)
     H = model.num_levels
     return torch.stack([model.decode(z * (levels >= h)) for h in range(H, -1, -1)], dim=1)
-
-
-# --------------------------------------------------------------------------- command line
-def _load(args):
-    from .checkpoint import load_model
-    from ..cli import checkpoint_path, setup_runtime
-
-    model = load_model(checkpoint_path(args.checkpoint), device=setup_runtime(args))
-    return model, torch.Generator().manual_seed(args.seed)
-
-
-def _draw_latents(model, n: int, temperature, generator) -> torch.Tensor:
-    """Prior latents drawn on the CPU (so a seed gives the same picture on every device)."""
-    return model.sample_latents(n, temperature, generator=generator, device="cpu").to(_param(model).device)
-
-
-def _data_images(args, model, count: int, offset: int = 0) -> torch.Tensor:
-    """``count`` uint8 test images of ``--data`` from index ``offset``, checked against the model."""
-    from ..data import load_dataset
-
-    dataset = load_dataset(args.data, root=args.data_root, split="test", size=offset + count, seed=args.seed,
-                           progress=not args.no_progress)
-    if len(dataset) < offset + count:
-        raise ValueError(f"--data {args.data} has {len(dataset)} test images, {offset + count} are needed")
-    images = torch.stack([dataset[k] for k in range(offset, offset + count)])
-    C, L = model.channels, model.image_size
-    if tuple(images.shape[1:]) != (C, L, L):
-        raise ValueError(
-            f"--data {args.data} has images of shape {tuple(images.shape[1:])}, the model expects ({C}, {L}, {L})"
-        )
-    return images.to(_param(model).device)
-
-
-def _inputs(args, model, generator, count: int, offset: int = 0) -> torch.Tensor:
-    """uint8 test images of ``--data``, or latents drawn from the prior at ``--temperature``."""
-    if args.data:
-        return _data_images(args, model, count, offset)
-    return _draw_latents(model, count, args.temperature, generator)
-
-
-def _save_rows(images: torch.Tensor, args) -> Path:
-    """Model-space images ``(rows, columns, C, L, L)`` as one PNG grid at ``args.out``."""
-    from .plots import save_image_grid
-
-    path = save_image_grid(postprocess(images.flatten(0, 1).cpu()), args.out, nrow=images.shape[1], scale=args.scale)
-    print(f"wrote {path} ({images.shape[0]} rows x {images.shape[1]} columns)")
-    return path
-
-
-def _run_receptive_fields(args) -> int:
-    model, generator = _load(args)
-    z = _inputs(args, model, generator, args.num)
-    shown = receptive_fields_per_level(model, args.per_level, z=z, generator=generator, progress=not args.no_progress)
-    print(f"wrote {plot_receptive_fields(shown, args.out)}")
-    hist_out = args.hist_out or Path(args.out).with_name(Path(args.out).stem + "-hist.png")
-    counted = None if args.hist_per_level == 0 else args.hist_per_level
-    histogram = receptive_fields_per_level(model, counted, z=z, generator=generator, progress=not args.no_progress)
-    print(f"wrote {plot_receptive_field_histograms(histogram, hist_out)}")
-    for result in histogram:
-        strengths = result.strengths
-        print(f"level {result.level}: {len(strengths)} latents, strength median {float(strengths.median()):.3g}, "
-              f"max {float(strengths.max()):.3g}")
-    return 0
-
-
-def _run_traverse(args) -> int:
-    model, generator = _load(args)
-    level = _check_level(model, model.num_levels - 1 if args.level is None else args.level)
-    channel = _check_channel(model, args.channel)
-    z = _as_latents(model, _inputs(args, model, generator, args.num))
-    position = tuple(args.position) if args.position else _strongest_latent(model, level, z, channel)
-    values = args.values or list(DEFAULT_TRAVERSAL_VALUES)
-    images = traverse(model, z, level, position, channel, values)
-    which = "all channels" if channel is None else f"channel {channel}"
-    print(f"traversed the level-{level} latent at position {position}, {which}, values {values}")
-    _save_rows(images, args)
-    return 0
-
-
-def _run_mix_temperature(args) -> int:
-    model, generator = _load(args)
-    settings = args.setting or default_temperature_settings(model.num_levels)
-    unit = _draw_latents(model, args.num, 1.0, generator)
-    _save_rows(mixed_temperature_grid(model, settings, z=unit), args)
-    print("rows (temperature per level, level 0 first): " + "; ".join(str(s) for s in settings))
-    return 0
-
-
-def _run_scale_mix(args) -> int:
-    model, generator = _load(args)
-    if args.data:
-        x_a, x_b = (_as_model_space(model, _data_images(args, model, args.num, o), "x") for o in (0, args.num))
-    else:
-        x_a, x_b = (model.decode(_draw_latents(model, args.num, args.temperature, generator)) for _ in range(2))
-    if args.cut is None:
-        mixed = scale_mix_all_cuts(model, x_a, x_b).flip(1)  # cut H, ..., 0: from x_a towards x_b
-    else:
-        mixed = scale_mix(model, x_a, x_b, args.cut)[:, None]
-    _save_rows(torch.cat([x_a[:, None], mixed, x_b[:, None]], dim=1), args)
-    return 0
-
-
-def _run_progressive(args) -> int:
-    model, generator = _load(args)
-    inputs = _inputs(args, model, generator, args.num)
-    columns = progressive_generation(model, inputs)
-    if args.data:
-        columns = torch.cat([columns, _as_model_space(model, inputs, "images")[:, None]], dim=1)
-    _save_rows(columns, args)
-    return 0
-
-
-def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
-    from ..cli import add_common_options, positive_int
-    from .sampling import parse_temperature
-
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    if data_help:
-        parser.add_argument("--data", default=None, help=data_help)
-        parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
-        parser.add_argument("--temperature", type=parse_temperature, default=1.0,
-                            help="prior temperature of drawn latents: one value, or one per level (T0,T1,...)")
-    parser.add_argument("--num", type=positive_int, default=num, help="images (rows) per picture (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latents drawn and of the data (default 0)")
-    parser.add_argument("--scale", type=positive_int, default=3, help="pixel scale of image grids (default 3)")
-    add_common_options(parser)
-
-
-def add_cli(subparsers) -> None:
-    """Add the explainability subcommands to an ``argparse`` subparsers object.
-
-    ``receptive-fields``, ``traverse``, ``mix-temperature``, ``scale-mix`` and ``progressive``
-    (see ``docs/explain.md``); each stores its handler as ``func``: ``args.func(args)`` writes
-    the PNG(s) and returns the exit code 0. Images come from ``--data NAME`` (its test split)
-    or, without it, from latents drawn from the prior with ``--seed``.
-    """
-    from .sampling import parse_temperature
-
-    p = subparsers.add_parser(
-        "receptive-fields",
-        help="receptive fields per RG level (figure 5 b) and histograms of their strengths (figure 5 c)",
-        description="Receptive fields (eq. 14) of randomly chosen latents of every RG level, each scaled to "
-        "max 1, as a grid (OUT), and histograms of the strengths of all latents per level (--hist-out).",
-    )
-    _options(p, 8, "average over these test images (e.g. msds1) instead of prior samples")
-    p.add_argument("--per-level", type=int, default=8, help="fields shown per level (default 8)")
-    p.add_argument("--hist-out", default=None, help="histogram PNG (default: OUT with -hist before .png)")
-    p.add_argument("--hist-per-level", type=int, default=0, help="latents per level in the histogram (default 0 = all)")
-    p.set_defaults(func=_run_receptive_fields)
-
-    p = subparsers.add_parser(
-        "traverse",
-        help="vary one latent, keeping the others (figures 4, 6)",
-        description="One row per image: the latent(s) at --level/--position set to each of --values.",
-    )
-    _options(p, 4, "traverse these test images (e.g. msds1) instead of prior samples")
-    p.add_argument("--level", type=int, default=None, help="RG level of the latent (default: the top level)")
-    p.add_argument("--position", type=int, nargs=2, metavar=("I", "J"), default=None,
-                   help="pixel position of the latent (default: the level's strongest receptive field on these images)")
-    p.add_argument("--channel", type=int, default=None, help="latent channel (default: all C channels together)")
-    p.add_argument("--values", type=float, nargs="+", default=None, help="latent values (default -3 -2 ... 3)")
-    p.set_defaults(func=_run_traverse)
-
-    p = subparsers.add_parser(
-        "mix-temperature",
-        help="samples at a temperature per RG level, one row per setting (appendix D)",
-        description="Each row decodes the same prior draw at its own temperatures per level.",
-    )
-    _options(p, 8, None)
-    p.add_argument("--setting", type=parse_temperature, action="append", default=None, metavar="T0,T1,...",
-                   help="one row: temperatures per level (level 0 first) or one value; repeatable "
-                        "(default: rgkern.explain.default_temperature_settings)")
-    p.set_defaults(func=_run_mix_temperature)
-
-    p = subparsers.add_parser(
-        "scale-mix",
-        help="hyperbolic mixing of two images across RG levels (sec. 4.5)",
-        description="One row per pair: first image, mixes for cut = H .. 0 (levels below the cut from the "
-        "first image, the rest from the second), second image.",
-    )
-    _options(p, 4, "mix test images (e.g. msds1) 0..N-1 (first) with N..2N-1 (second) instead of prior samples")
-    p.add_argument("--cut", type=int, default=None, help="one cut in 0..H (default: every cut)")
-    p.set_defaults(func=_run_scale_mix)
-
-    p = subparsers.add_parser(
-        "progressive",
-        help="progressive generation, coarse to fine (figure 5 a)",
-        description="One row per image: decode with the levels >= h kept (others 0), h = H .. 0, then the "
-        "original when --data is given.",
-    )
-    _options(p, 6, "encode these test images (e.g. msds1) instead of prior samples")
-    p.set_defaults(func=_run_progressive)

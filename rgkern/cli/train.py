@@ -1,92 +1,32 @@
-"""Command line: ``python -m rgkern train | sample | evaluate | ...``.
-
-Subcommands from other modules: every module named in :data:`EXTENSION_MODULES` that exists
-is imported and its ``add_cli(subparsers)`` called. ``add_cli`` adds its parsers to the
-``argparse`` sub-parsers object and gives each a handler with
-``parser.set_defaults(func=handler)``; ``handler(args)`` returns an exit code (``None``
-means 0). A module that does not exist (yet) is skipped; an import error inside an existing
-module is not hidden.
-
-Errors the library raises for bad input or missing files (``ValueError``, ``TypeError``,
-``OSError``), a torchrun set-up this machine cannot serve (``DistributedSetupError``) and a
-training run stopped by NaN/inf are printed as one line
-``rgkern <command>: error: ...`` on stderr, with exit code 2 (as for argparse's own usage
-errors), not as a traceback.
+"""The ``train``, ``sample`` and ``evaluate`` subcommands.
 
 ``train`` under ``torchrun --nproc_per_node=N -m rgkern train ...`` trains with
-DistributedDataParallel (:mod:`rgkern.distributed`); only rank 0 prints and writes the plot
-and the samples.
+DistributedDataParallel (:mod:`rgkern.tools.distributed`); only rank 0 prints and writes
+the plot and the samples.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["main", "build_parser", "EXTENSION_MODULES"]
+from .options import add_common_options, add_speed_options, checkpoint_path, default_device, positive_float, positive_int, setup_runtime
 
-EXTENSION_MODULES = ("rgkern.locality.inpaint", "rgkern.tools.explain")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+__all__ = ["add_cli", "run_train", "run_sample", "run_evaluate"]
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _add_speed_options(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--compile", action="store_true", help=f"torch.compile the {what} (fullgraph; the first steps are slow while it compiles)")
-    parser.add_argument(
-        "--cuda-graphs", action="store_true",
-        help=f"torch.compile the {what} with mode='reduce-overhead', capturing CUDA graphs (CUDA only; implies --compile)",
-    )
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def setup_runtime(args) -> str:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    return args.device or default_device()
-
-
-def checkpoint_path(text: str) -> Path:
-    """A checkpoint file, or a run folder holding ``model.safetensors``."""
-    from .tools.train import CHECKPOINT_NAME
-
-    path = Path(text)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
+def add_cli(subparsers) -> None:
+    """Add ``train``, ``sample`` and ``evaluate`` to an ``argparse`` subparsers object."""
+    _add_train(subparsers)
+    _add_sample(subparsers)
+    _add_evaluate(subparsers)
 
 
 # ----------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
-    from .data import DATASET_NAMES
-    from .tools.presets import preset_names
+    from ..data import DATASET_NAMES
+    from ..tools.presets import preset_names
 
     parser = subparsers.add_parser(
         "train",
@@ -107,7 +47,7 @@ def _add_train(subparsers) -> None:
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (log-dets, prior and loss stay float32)")
-    _add_speed_options(parser, "model's log-likelihood (forward and backward)")
+    add_speed_options(parser, "model's log-likelihood (forward and backward)")
     parser.add_argument(
         "--time-limit", type=positive_float, default=None, metavar="MINUTES",
         help="stop training after this many minutes (evaluate and checkpoint there; --resume goes on)",
@@ -118,15 +58,15 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--sample-temperature", default=None, help="temperature of OUT/samples.png: a float or one per RG level, comma-separated")
     parser.add_argument("--num-samples", type=positive_int, default=64, help="images in OUT/samples.png (default 64)")
     add_common_options(parser)
-    parser.set_defaults(func=_run_train)
+    parser.set_defaults(func=run_train)
 
 
-def _run_train(args) -> int:
-    from .tools.distributed import context_from_environment
-    from .tools.plots import plot_history, save_image_grid
-    from .tools.sampling import parse_temperature, write_samples
-    from .tools.presets import make_config
-    from .tools.train import load_images, train
+def run_train(args) -> int:
+    from ..tools.distributed import context_from_environment
+    from ..tools.plots import plot_history, save_image_grid
+    from ..tools.sampling import parse_temperature, write_samples
+    from ..tools.presets import make_config
+    from ..tools.train import load_images, train
 
     main_process = context_from_environment().is_main
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
@@ -194,14 +134,14 @@ def _add_sample(subparsers) -> None:
     parser.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: square)")
     parser.add_argument("--scale", type=positive_int, default=2, help="pixel scale of the PNG grid (default 2)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the s/t networks (coupling arithmetic stays float32)")
-    _add_speed_options(parser, "decoder")
+    add_speed_options(parser, "decoder")
     add_common_options(parser)
-    parser.set_defaults(func=_run_sample)
+    parser.set_defaults(func=run_sample)
 
 
-def _run_sample(args) -> int:
-    from .tools.checkpoint import load_model
-    from .tools.sampling import check_writable, parse_temperature, write_samples
+def run_sample(args) -> int:
+    from ..tools.checkpoint import load_model
+    from ..tools.sampling import check_writable, parse_temperature, write_samples
 
     device = setup_runtime(args)
     temperature = parse_temperature(args.temperature)
@@ -232,7 +172,7 @@ def _add_evaluate(subparsers) -> None:
         "evaluate",
         help="held-out bits/dim of a checkpoint",
         description="Bits/dim of a checkpoint on a dataset split, with the deterministic dequantisation "
-        "noise used during training (rgkern.train.evaluate_bpd).",
+        "noise used during training (rgkern.tools.train.evaluate_bpd).",
     )
     parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
     parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
@@ -241,12 +181,12 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--test-size", type=positive_int, default=None, help="first N images (default: the size used in training, else all)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     add_common_options(parser)
-    parser.set_defaults(func=_run_evaluate)
+    parser.set_defaults(func=run_evaluate)
 
 
-def _run_evaluate(args) -> int:
-    from .tools.checkpoint import load_checkpoint
-    from .tools.train import evaluate_bpd, load_images
+def run_evaluate(args) -> int:
+    from ..tools.checkpoint import load_checkpoint
+    from ..tools.train import evaluate_bpd, load_images
 
     device = setup_runtime(args)
     state = load_checkpoint(checkpoint_path(args.checkpoint), map_location=device)
@@ -262,45 +202,3 @@ def _run_evaluate(args) -> int:
     print(f"{data} {args.split} ({len(images)} images), step {state['step']}: {bpd:.4f} bits/dim")
     print(f"held-out bits/dim: {bpd:.4f}")
     return 0
-
-
-# ----------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rgkern", description="RG-Flow: train, sample, evaluate and more.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train(subparsers)
-    _add_sample(subparsers)
-    _add_evaluate(subparsers)
-    for name in EXTENSION_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name == name:
-                continue  # not written yet
-            raise
-        add_cli = getattr(module, "add_cli", None)
-        if add_cli is not None:
-            add_cli(subparsers)
-    return parser
-
-
-def main(argv=None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
-    from .tools.distributed import DistributedSetupError
-    from .tools.train import NonFiniteError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        code = args.func(args)
-    except (ValueError, TypeError, OSError, NonFiniteError, DistributedSetupError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"rgkern {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"rgkern {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0 if code is None else int(code)

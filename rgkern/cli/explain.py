@@ -1,0 +1,232 @@
+"""The explainability subcommands: ``receptive-fields``, ``traverse``, ``mix-temperature``,
+``scale-mix`` and ``progressive`` (see ``docs/explain.md``), over :mod:`rgkern.tools.explain`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..core.preprocess import postprocess
+from ..tools.explain import (
+    DEFAULT_TRAVERSAL_VALUES,
+    as_latents,
+    as_model_space,
+    check_channel,
+    check_level,
+    default_temperature_settings,
+    mixed_temperature_grid,
+    plot_receptive_field_histograms,
+    plot_receptive_fields,
+    progressive_generation,
+    receptive_fields_per_level,
+    scale_mix,
+    scale_mix_all_cuts,
+    strongest_latent,
+    traverse,
+)
+from .options import add_common_options, checkpoint_path, positive_int, setup_runtime
+
+__all__ = [
+    "add_cli",
+    "run_receptive_fields",
+    "run_traverse",
+    "run_mix_temperature",
+    "run_scale_mix",
+    "run_progressive",
+]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _load(args):
+    from ..tools.checkpoint import load_model
+
+    model = load_model(checkpoint_path(args.checkpoint), device=setup_runtime(args))
+    return model, torch.Generator().manual_seed(args.seed)
+
+
+def _draw_latents(model, n: int, temperature, generator) -> torch.Tensor:
+    """Prior latents drawn on the CPU (so a seed gives the same picture on every device)."""
+    return model.sample_latents(n, temperature, generator=generator, device="cpu").to(_device(model))
+
+
+def _data_images(args, model, count: int, offset: int = 0) -> torch.Tensor:
+    """``count`` uint8 test images of ``--data`` from index ``offset``, checked against the model."""
+    from ..data import load_dataset
+
+    dataset = load_dataset(args.data, root=args.data_root, split="test", size=offset + count, seed=args.seed,
+                           progress=not args.no_progress)
+    if len(dataset) < offset + count:
+        raise ValueError(f"--data {args.data} has {len(dataset)} test images, {offset + count} are needed")
+    images = torch.stack([dataset[k] for k in range(offset, offset + count)])
+    C, L = model.channels, model.image_size
+    if tuple(images.shape[1:]) != (C, L, L):
+        raise ValueError(
+            f"--data {args.data} has images of shape {tuple(images.shape[1:])}, the model expects ({C}, {L}, {L})"
+        )
+    return images.to(_device(model))
+
+
+def _inputs(args, model, generator, count: int, offset: int = 0) -> torch.Tensor:
+    """uint8 test images of ``--data``, or latents drawn from the prior at ``--temperature``."""
+    if args.data:
+        return _data_images(args, model, count, offset)
+    return _draw_latents(model, count, args.temperature, generator)
+
+
+def _save_rows(images: torch.Tensor, args) -> Path:
+    """Model-space images ``(rows, columns, C, L, L)`` as one PNG grid at ``args.out``."""
+    from ..tools.plots import save_image_grid
+
+    path = save_image_grid(postprocess(images.flatten(0, 1).cpu()), args.out, nrow=images.shape[1], scale=args.scale)
+    print(f"wrote {path} ({images.shape[0]} rows x {images.shape[1]} columns)")
+    return path
+
+
+def run_receptive_fields(args) -> int:
+    model, generator = _load(args)
+    z = _inputs(args, model, generator, args.num)
+    shown = receptive_fields_per_level(model, args.per_level, z=z, generator=generator, progress=not args.no_progress)
+    print(f"wrote {plot_receptive_fields(shown, args.out)}")
+    hist_out = args.hist_out or Path(args.out).with_name(Path(args.out).stem + "-hist.png")
+    counted = None if args.hist_per_level == 0 else args.hist_per_level
+    histogram = receptive_fields_per_level(model, counted, z=z, generator=generator, progress=not args.no_progress)
+    print(f"wrote {plot_receptive_field_histograms(histogram, hist_out)}")
+    for result in histogram:
+        strengths = result.strengths
+        print(f"level {result.level}: {len(strengths)} latents, strength median {float(strengths.median()):.3g}, "
+              f"max {float(strengths.max()):.3g}")
+    return 0
+
+
+def run_traverse(args) -> int:
+    model, generator = _load(args)
+    level = check_level(model, model.num_levels - 1 if args.level is None else args.level)
+    channel = check_channel(model, args.channel)
+    z = as_latents(model, _inputs(args, model, generator, args.num))
+    position = tuple(args.position) if args.position else strongest_latent(model, level, z, channel)
+    values = args.values or list(DEFAULT_TRAVERSAL_VALUES)
+    images = traverse(model, z, level, position, channel, values)
+    which = "all channels" if channel is None else f"channel {channel}"
+    print(f"traversed the level-{level} latent at position {position}, {which}, values {values}")
+    _save_rows(images, args)
+    return 0
+
+
+def run_mix_temperature(args) -> int:
+    model, generator = _load(args)
+    settings = args.setting or default_temperature_settings(model.num_levels)
+    unit = _draw_latents(model, args.num, 1.0, generator)
+    _save_rows(mixed_temperature_grid(model, settings, z=unit), args)
+    print("rows (temperature per level, level 0 first): " + "; ".join(str(s) for s in settings))
+    return 0
+
+
+def run_scale_mix(args) -> int:
+    model, generator = _load(args)
+    if args.data:
+        x_a, x_b = (as_model_space(model, _data_images(args, model, args.num, o), "x") for o in (0, args.num))
+    else:
+        x_a, x_b = (model.decode(_draw_latents(model, args.num, args.temperature, generator)) for _ in range(2))
+    if args.cut is None:
+        mixed = scale_mix_all_cuts(model, x_a, x_b).flip(1)  # cut H, ..., 0: from x_a towards x_b
+    else:
+        mixed = scale_mix(model, x_a, x_b, args.cut)[:, None]
+    _save_rows(torch.cat([x_a[:, None], mixed, x_b[:, None]], dim=1), args)
+    return 0
+
+
+def run_progressive(args) -> int:
+    model, generator = _load(args)
+    inputs = _inputs(args, model, generator, args.num)
+    columns = progressive_generation(model, inputs)
+    if args.data:
+        columns = torch.cat([columns, as_model_space(model, inputs, "images")[:, None]], dim=1)
+    _save_rows(columns, args)
+    return 0
+
+
+def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
+    from ..tools.sampling import parse_temperature
+
+    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    if data_help:
+        parser.add_argument("--data", default=None, help=data_help)
+        parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
+        parser.add_argument("--temperature", type=parse_temperature, default=1.0,
+                            help="prior temperature of drawn latents: one value, or one per level (T0,T1,...)")
+    parser.add_argument("--num", type=positive_int, default=num, help="images (rows) per picture (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents drawn and of the data (default 0)")
+    parser.add_argument("--scale", type=positive_int, default=3, help="pixel scale of image grids (default 3)")
+    add_common_options(parser)
+
+
+def add_cli(subparsers) -> None:
+    """Add the explainability subcommands to an ``argparse`` subparsers object.
+
+    ``receptive-fields``, ``traverse``, ``mix-temperature``, ``scale-mix`` and ``progressive``
+    (see ``docs/explain.md``); each stores its handler as ``func``: ``args.func(args)`` writes
+    the PNG(s) and returns the exit code 0. Images come from ``--data NAME`` (its test split)
+    or, without it, from latents drawn from the prior with ``--seed``.
+    """
+    from ..tools.sampling import parse_temperature
+
+    p = subparsers.add_parser(
+        "receptive-fields",
+        help="receptive fields per RG level (figure 5 b) and histograms of their strengths (figure 5 c)",
+        description="Receptive fields (eq. 14) of randomly chosen latents of every RG level, each scaled to "
+        "max 1, as a grid (OUT), and histograms of the strengths of all latents per level (--hist-out).",
+    )
+    _options(p, 8, "average over these test images (e.g. msds1) instead of prior samples")
+    p.add_argument("--per-level", type=int, default=8, help="fields shown per level (default 8)")
+    p.add_argument("--hist-out", default=None, help="histogram PNG (default: OUT with -hist before .png)")
+    p.add_argument("--hist-per-level", type=int, default=0, help="latents per level in the histogram (default 0 = all)")
+    p.set_defaults(func=run_receptive_fields)
+
+    p = subparsers.add_parser(
+        "traverse",
+        help="vary one latent, keeping the others (figures 4, 6)",
+        description="One row per image: the latent(s) at --level/--position set to each of --values.",
+    )
+    _options(p, 4, "traverse these test images (e.g. msds1) instead of prior samples")
+    p.add_argument("--level", type=int, default=None, help="RG level of the latent (default: the top level)")
+    p.add_argument("--position", type=int, nargs=2, metavar=("I", "J"), default=None,
+                   help="pixel position of the latent (default: the level's strongest receptive field on these images)")
+    p.add_argument("--channel", type=int, default=None, help="latent channel (default: all C channels together)")
+    p.add_argument("--values", type=float, nargs="+", default=None, help="latent values (default -3 -2 ... 3)")
+    p.set_defaults(func=run_traverse)
+
+    p = subparsers.add_parser(
+        "mix-temperature",
+        help="samples at a temperature per RG level, one row per setting (appendix D)",
+        description="Each row decodes the same prior draw at its own temperatures per level.",
+    )
+    _options(p, 8, None)
+    p.add_argument("--setting", type=parse_temperature, action="append", default=None, metavar="T0,T1,...",
+                   help="one row: temperatures per level (level 0 first) or one value; repeatable "
+                        "(default: rgkern.tools.explain.default_temperature_settings)")
+    p.set_defaults(func=run_mix_temperature)
+
+    p = subparsers.add_parser(
+        "scale-mix",
+        help="hyperbolic mixing of two images across RG levels (sec. 4.5)",
+        description="One row per pair: first image, mixes for cut = H .. 0 (levels below the cut from the "
+        "first image, the rest from the second), second image.",
+    )
+    _options(p, 4, "mix test images (e.g. msds1) 0..N-1 (first) with N..2N-1 (second) instead of prior samples")
+    p.add_argument("--cut", type=int, default=None, help="one cut in 0..H (default: every cut)")
+    p.set_defaults(func=run_scale_mix)
+
+    p = subparsers.add_parser(
+        "progressive",
+        help="progressive generation, coarse to fine (figure 5 a)",
+        description="One row per image: decode with the levels >= h kept (others 0), h = H .. 0, then the "
+        "original when --data is given.",
+    )
+    _options(p, 6, "encode these test images (e.g. msds1) instead of prior samples")
+    p.set_defaults(func=run_progressive)
