@@ -16,7 +16,7 @@ __all__ = [
     "interpreter_requested",
     "block_dim",
     "rows_per_block",
-    "accumulator_dtype",
+    "row_launch_shape",
 ]
 
 
@@ -72,7 +72,3 @@ def row_launch_shape(n_rows: int, dim: int) -> tuple[int, int, int]:
     block_rows = rows_per_block(width)
     return width, block_rows, triton.cdiv(n_rows, block_rows)
 
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Float64 for float64 data, float32 for everything else (float32, float16, bfloat16)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

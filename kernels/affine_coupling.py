@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, row_launch_shape, wrap_triton
+from rgkern.core.precision import accumulator_dtype
+
+from ._launch import row_launch_shape, wrap_triton
 
 __all__ = [
     "affine_coupling_fwd_kernel",
@@ -204,14 +206,14 @@ def affine_coupling_forward(
         float32 otherwise.
     """
     n_rows, dim = x.shape
+    acc = accumulator_dtype(x.dtype)
     if out is None:
         y = torch.empty_like(x)
-        logdet = torch.empty((n_rows,), dtype=accumulator_dtype(x.dtype), device=x.device)
+        logdet = torch.empty((n_rows,), dtype=acc, device=x.device)
     else:
         y, logdet = out
     if n_rows > 0:
         width, block_rows, programs = row_launch_shape(n_rows, dim)
-        acc_fp64 = x.dtype == torch.float64
         wrap_triton(affine_coupling_fwd_kernel)[(programs,)](
             x,
             s_raw,
@@ -224,8 +226,8 @@ def affine_coupling_forward(
             n_rows,
             DIM=dim,
             INVERSE=bool(inverse),
-            ACC_FP64=acc_fp64,
-            SERIES_LIMIT=TANH_SERIES_LIMIT[torch.float64 if acc_fp64 else torch.float32],
+            ACC_FP64=acc == torch.float64,
+            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
             BLOCK_ROWS=block_rows,
             BLOCK_DIM=width,
         )
@@ -265,7 +267,6 @@ def affine_coupling_backward(
     partial_s_scale = torch.zeros((max(programs, 1), dim), dtype=acc, device=x.device)
     partial_t_scale = torch.zeros((max(programs, 1), dim), dtype=acc, device=x.device)
     if n_rows > 0:
-        acc_fp64 = x.dtype == torch.float64
         wrap_triton(affine_coupling_bwd_kernel)[(programs,)](
             grad_y,
             grad_logdet,
@@ -283,8 +284,8 @@ def affine_coupling_backward(
             n_rows,
             DIM=dim,
             INVERSE=bool(inverse),
-            ACC_FP64=acc_fp64,
-            SERIES_LIMIT=TANH_SERIES_LIMIT[torch.float64 if acc_fp64 else torch.float32],
+            ACC_FP64=acc == torch.float64,
+            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
             BLOCK_ROWS=block_rows,
             BLOCK_DIM=width,
         )

@@ -17,6 +17,7 @@ import rgkern
 from rgkern.core import functions as triton_ops
 from rgkern.core import ops, reference
 from rgkern.core.geometry import get_geometry
+from rgkern.core.precision import accumulator_dtype
 from rgkern.kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
 from rgkern.kernels.gather_patches import gather_patches_backward, gather_patches_forward
 from rgkern.kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
@@ -170,7 +171,7 @@ def test_affine_coupling_matches_reference(shape, dtype, inverse, device):
     mask = get_geometry(4 * k, k, dim // (k * k)).coupling_mask(device, dtype, flipped=inverse)
     y_ref, logdet_ref = reference.affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
     y = poisoned((n_rows, dim), dtype, device)
-    logdet = poisoned((n_rows,), reference.logdet_dtype(dtype), device)
+    logdet = poisoned((n_rows,), accumulator_dtype(dtype), device)
     affine_coupling_forward(x, s_raw, t_raw, s_scale, t_scale, mask, inverse, out=(y, logdet))
     assert logdet.dtype == logdet_ref.dtype
     assert_close(y, y_ref, TOLERANCE[dtype], "y")
@@ -192,7 +193,7 @@ def test_affine_coupling_gradients(shape, dtype, inverse, device):
     inputs = coupling_inputs(n_rows, dim, dtype, device, g, requires_grad=True)
     mask = get_geometry(8, 2 if dim == 4 else 4, 1 if dim in (4, 16) else 3).coupling_mask(device, dtype)
     grad_y = torch.randn(n_rows, dim, generator=g, dtype=torch.float64).to(dtype).to(device)
-    grad_logdet = torch.randn(n_rows, generator=g, dtype=torch.float64).to(reference.logdet_dtype(dtype)).to(device)
+    grad_logdet = torch.randn(n_rows, generator=g, dtype=torch.float64).to(accumulator_dtype(dtype)).to(device)
     expected = torch.autograd.grad(reference.affine_coupling(*inputs, mask, inverse), inputs, (grad_y, grad_logdet))
     actual = torch.autograd.grad(triton_ops.affine_coupling(*inputs, mask, inverse), inputs, (grad_y, grad_logdet))
     buffers = tuple(poisoned((n_rows, dim), dtype, device) for _ in range(3))

@@ -30,7 +30,7 @@ from ..kernels._launch import is_interpreted
 from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
 from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
 from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
-from .reference import logdet_dtype
+from .precision import accumulator_dtype
 
 __all__ = [
     "gather_patches",
@@ -115,7 +115,7 @@ def _scatter_patches_backward_fake(grad_out, row_index):
 
 
 def _affine_coupling_fake(x, s_raw, t_raw, s_scale, t_scale, mask, inverse):
-    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=accumulator_dtype(x.dtype))
 
 
 def _affine_coupling_backward_fake(grad_y, grad_logdet, x, s_raw, t_raw, s_scale, t_scale, mask, inverse):

@@ -14,6 +14,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from . import ops
 from .geometry import Geometry, get_geometry
+from .precision import accumulator_dtype
 from .priors import make_prior
 
 __all__ = ["RGFlow", "Swish", "ResidualMLP", "AffineCoupling", "RNVPBlock", "Sublayer"]
@@ -102,7 +103,7 @@ class Sublayer(nn.Module):
     def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str):
         """Run the block stack on patch rows ``(N, D)``; returns rows and per-row log-det ``(N,)``."""
         masks = [self.geometry.coupling_mask(rows.device, rows.dtype, flipped) for flipped in (False, True)]
-        logdet = rows.new_zeros(rows.shape[0], dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+        logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
         half_steps = [(half, masks[half.flipped]) for block in self.blocks for half in block.halves]
         for half, mask in reversed(half_steps) if inverse else half_steps:
             rows, ld = half(rows, mask, inverse, backend)
@@ -252,7 +253,7 @@ class RGFlow(nn.Module):
         """``x (B, C, L, L) -> (z (B, C, L, L), logdet (B,))`` with ``logdet = log|det dz/dx|``."""
         self._check_images(x, "x", check_finite=True)
         backend = ops.resolve_backend(self.backend, x)
-        logdet = x.new_zeros(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        logdet = x.new_zeros(x.shape[0], dtype=accumulator_dtype(x.dtype))
         for sublayer in self.sublayers:
             x, ld = sublayer(x, inverse=False, backend=backend)
             logdet = logdet + ld

@@ -7,8 +7,6 @@ and the reference elsewhere. Names, shapes and conventions are those of
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import reference
@@ -24,21 +22,25 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """The concrete backend (``"torch"`` or ``"triton"``) for ``tensor``."""
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
-    if backend == "triton" and not tensor.is_cuda and not triton_interpreter_enabled():
+    if backend == "triton" and not tensor.is_cuda and not _interpreter_requested():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got a tensor on {tensor.device}; move the model "
             "and data to a GPU, use backend='auto' or 'torch', or set TRITON_INTERPRET=1 before "
             "importing triton to run the kernels in Triton's CPU interpreter"
         )
     return backend
+
+
+def _interpreter_requested() -> bool:
+    # The kernels' own rule (imported here, not at the top, so that importing rgkern does
+    # not import triton).
+    from ..kernels._launch import interpreter_requested
+
+    return interpreter_requested()
 
 
 def _kernels():

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_patches", "scatter_patches", "affine_coupling", "sum_per_sample"]
+from .precision import accumulator_dtype
+
+__all__ = ["gather_patches", "scatter_patches", "affine_coupling"]
 
 
 def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
@@ -65,17 +67,8 @@ def affine_coupling(
     keep = 1 - mask
     s = torch.tanh(s_scale * s_raw)
     t = t_scale * t_raw
-    logdet = (keep * s).to(logdet_dtype(x.dtype)).sum(dim=1)
+    logdet = (keep * s).to(accumulator_dtype(x.dtype)).sum(dim=1)
     if inverse:
         return mask * x + keep * ((x - t) * torch.exp(-s)), -logdet
     return mask * x + keep * (x * torch.exp(s) + t), logdet
 
-
-def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Log-dets accumulate in float64 for float64 data and in float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sum_per_sample(row_values: torch.Tensor, batch: int) -> torch.Tensor:
-    """Sum a per-row quantity ``(B*P,)`` over the patches of each sample: ``(B,)``."""
-    return row_values.reshape(batch, -1).sum(dim=1)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from ..core import ops
-from ..core.reference import logdet_dtype
 from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
 __all__ = ["IncrementalEncoder", "IncrementalDecoder", "ConeEvaluation"]

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import ops
+from ..core.precision import accumulator_dtype
 from .incremental import IncrementalEncoder
 from .region import decode_cone_values, region_decode_plan
 
@@ -222,7 +223,7 @@ def inpaint(
     for b, m in enumerate(masks):
         groups.setdefault(m.numpy().tobytes(), (m, []))[1].append(b)
 
-    logdet_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logdet_dtype = accumulator_dtype(x.dtype)
     images = x.clone()
     log_prob = torch.empty(B, dtype=logdet_dtype, device=x.device)
     losses = torch.empty(B, restarts, dtype=logdet_dtype, device=x.device)
