@@ -23,7 +23,7 @@ import triton.language as tl
 
 from rgkern.core.precision import accumulator_dtype
 
-from ._launch import row_launch_shape, wrap_triton
+from .launch import row_launch_shape, wrap_triton
 
 __all__ = [
     "affine_coupling_fwd_kernel",

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import row_launch_shape, wrap_triton
+from .launch import row_launch_shape, wrap_triton
 from .scatter_patches import scatter_rows_into
 
 __all__ = ["gather_patches_kernel", "gather_patches_forward", "gather_patches_backward"]

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import row_launch_shape, wrap_triton
+from .launch import row_launch_shape, wrap_triton
 
 __all__ = [
     "scatter_patches_kernel",

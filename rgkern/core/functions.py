@@ -26,7 +26,7 @@ through the public functions.
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..kernels._launch import is_interpreted
+from ..kernels.launch import is_interpreted
 from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
 from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
 from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward

@@ -194,7 +194,8 @@ class Geometry:
         )
 
     # ----------------------------------------------------------------- causal cones
-    def _check_mask(self, mask: torch.Tensor, name: str) -> torch.Tensor:
+    def check_mask(self, mask: torch.Tensor, name: str) -> torch.Tensor:
+        """``mask`` (bool ``(L, L)``) detached on the CPU; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
@@ -237,11 +238,11 @@ class Geometry:
         Returns:
             bool ``(L, L)`` on the CPU: True at every latent position in the inference cone.
         """
-        return self._cone(self._check_mask(region, "region"), "inference")[0].clone()
+        return self._cone(self.check_mask(region, "region"), "inference")[0].clone()
 
     def inference_patches(self, region: torch.Tensor) -> list[torch.Tensor]:
         """Dirty patch indices (LongTensor, CPU) of each sublayer, x -> z order, for ``region``."""
-        return list(self._cone(self._check_mask(region, "region"), "inference")[1])
+        return list(self._cone(self.check_mask(region, "region"), "inference")[1])
 
     def generation_cone(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels a change of the latents at positions ``latents`` can reach.
@@ -251,11 +252,11 @@ class Geometry:
         Returns:
             bool ``(L, L)`` on the CPU: True at every pixel in the generation cone.
         """
-        return self._cone(self._check_mask(latents, "latents"), "generation")[0].clone()
+        return self._cone(self.check_mask(latents, "latents"), "generation")[0].clone()
 
     def generation_patches(self, latents: torch.Tensor) -> list[torch.Tensor]:
         """Dirty patch indices of each sublayer (x -> z order of sublayers) for a latent change."""
-        return list(self._cone(self._check_mask(latents, "latents"), "generation")[1])
+        return list(self._cone(self.check_mask(latents, "latents"), "generation")[1])
 
 
 @functools.lru_cache(maxsize=None)

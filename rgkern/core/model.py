@@ -225,7 +225,14 @@ class RGFlow(nn.Module):
         return f"prior={self.prior.name!r}, backend={self.backend!r}"
 
     # ----------------------------------------------------------------- checks
-    def _check_images(self, x, name: str, check_finite: bool):
+    def check_images(self, x, name: str, check_finite: bool):
+        """Check that ``x`` is a ``(B, C, L, L)`` tensor this model can take, else raise.
+
+        ``TypeError`` for a non-tensor or a dtype other than the parameters'; ``ValueError``
+        for another shape, channel count or device, and (with ``check_finite``, unless
+        ``check_inputs`` is off or ``torch.compile`` is tracing) for NaN or inf. ``name``
+        names ``x`` in the messages.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         C, L = self.channels, self.image_size
@@ -251,7 +258,7 @@ class RGFlow(nn.Module):
     # ----------------------------------------------------------------- flow
     def encode(self, x: torch.Tensor):
         """``x (B, C, L, L) -> (z (B, C, L, L), logdet (B,))`` with ``logdet = log|det dz/dx|``."""
-        self._check_images(x, "x", check_finite=True)
+        self.check_images(x, "x", check_finite=True)
         backend = ops.resolve_backend(self.backend, x)
         logdet = x.new_zeros(x.shape[0], dtype=accumulator_dtype(x.dtype))
         for sublayer in self.sublayers:
@@ -261,7 +268,7 @@ class RGFlow(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Exact inverse of :meth:`encode`: ``z (B, C, L, L) -> x (B, C, L, L)``."""
-        self._check_images(z, "z", check_finite=False)
+        self.check_images(z, "z", check_finite=False)
         backend = ops.resolve_backend(self.backend, z)
         for sublayer in reversed(self.sublayers):
             z, _ = sublayer(z, inverse=True, backend=backend)

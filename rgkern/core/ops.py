@@ -38,7 +38,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 def _interpreter_requested() -> bool:
     # The kernels' own rule (imported here, not at the top, so that importing rgkern does
     # not import triton).
-    from ..kernels._launch import interpreter_requested
+    from ..kernels.launch import interpreter_requested
 
     return interpreter_requested()
 

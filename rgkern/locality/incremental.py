@@ -84,7 +84,7 @@ class _CachedPass:
     _mask_name = "region"
 
     def __init__(self, model, image: torch.Tensor):
-        model._check_images(image, self._input_name, check_finite=not self._inverse)
+        model.check_images(image, self._input_name, check_finite=not self._inverse)
         self.model = model
         self.geometry = model.geometry
         # Walking model.parameters() costs ~10 ms per call on a deep model; keep the list.
@@ -106,6 +106,16 @@ class _CachedPass:
     def logdet(self) -> torch.Tensor:
         """``(B,)`` log-det of the cached pass in its direction (a copy)."""
         return self._logdet.clone()
+
+    @property
+    def sublayer_inputs(self) -> list:
+        """The cached input image of each sublayer in this pass's direction, indexed by sublayer.
+
+        Entry ``s`` is what sublayer ``s`` reads (its inverse, for the decoder): the
+        ``base_images`` that :func:`rgkern.locality.plans.run_cone_plan` takes. The cache
+        itself, not copies: read it, do not write it.
+        """
+        return self._images[1:] if self._inverse else self._images[:-1]
 
     def _order(self):
         n = len(self.geometry.sublayers)
@@ -179,14 +189,14 @@ class _CachedPass:
 
     def plan(self, mask: torch.Tensor) -> ConePlan:
         """The :class:`ConePlan` of a change at ``mask`` (bool ``(L, L)``), cached."""
-        return self._plan(self.geometry._check_mask(mask, self._mask_name))
+        return self._plan(self.geometry.check_mask(mask, self._mask_name))
 
     # -------------------------------------------------------------- update
     @torch.no_grad()
     def _update(self, new: torch.Tensor, mask: torch.Tensor, check: bool) -> torch.Tensor:
         cached_input = self._input
         _check_like(new, cached_input, self._input_name + "_new")
-        mask_cpu = self.geometry._check_mask(mask, self._mask_name)
+        mask_cpu = self.geometry.check_mask(mask, self._mask_name)
         mask_dev = mask_cpu.to(new.device)
         if check:
             outside = ((new != cached_input).any(dim=1) & ~mask_dev).any(dim=0)
@@ -319,7 +329,7 @@ class IncrementalEncoder(_CachedPass):
             cone, the new log-det and log-density (equal to ``model.encode`` /
             ``model.log_prob`` of the full new image), all differentiable in ``values``.
         """
-        mask_cpu = self.geometry._check_mask(region, "region")
+        mask_cpu = self.geometry.check_mask(region, "region")
         if not bool(mask_cpu.any()):
             raise ValueError("region is empty; evaluate needs at least one changed pixel")
         batch = self._images[0].shape[0]

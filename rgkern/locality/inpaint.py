@@ -89,7 +89,7 @@ class InpaintProblem:
         self.model = model
         self.geometry = model.geometry
         self.incremental = bool(incremental)
-        self.unknown = self.geometry._check_mask(unknown, "unknown region")
+        self.unknown = self.geometry.check_mask(unknown, "unknown region")
         unknown_dev = self.unknown.to(x.device)
         self.base = torch.where(unknown_dev, torch.zeros((), dtype=x.dtype, device=x.device), x.detach())
         self.backend = ops.resolve_backend(model.backend, x)
@@ -105,7 +105,7 @@ class InpaintProblem:
             self.patch_evals_per_step = self.encode_plan.patch_evals + self.decode_plan.patch_evals
             self.num_free = self.geometry.channels * len(self.positions)
         else:
-            model._check_images(self.base, "x", check_finite=True)
+            model.check_images(self.base, "x", check_finite=True)
             self.positions = None
             total = sum(s.num_patches for s in self.geometry.sublayers)
             self.patch_evals_per_step = 2 * total
@@ -204,7 +204,7 @@ def inpaint(
         ValueError: known_mask of the wrong shape or with no unknown pixel in an image; x of
             the wrong shape or with non-finite known pixels; bad steps / restarts / lr.
     """
-    model._check_images(x, "x", check_finite=False)
+    model.check_images(x, "x", check_finite=False)
     masks = _unknown_masks(model, x, known_mask)
     _check_positive_int("steps", steps, 0)
     _check_positive_int("restarts", restarts, 1)

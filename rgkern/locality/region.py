@@ -28,7 +28,7 @@ def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
     the patches of ``geometry.inference_patches(region)`` in the z -> x order: as many
     patch evaluations as an incremental encode of the region, and no cached image.
     """
-    mask_cpu = geometry._check_mask(region, "region")
+    mask_cpu = geometry.check_mask(region, "region")
     key = (geometry.image_size, geometry.kernel_size, geometry.channels, mask_cpu.numpy().tobytes(), str(torch.device(device)))
     plan = _REGION_PLANS.get(key)
     if plan is None:
@@ -60,9 +60,9 @@ def decode_region(model, z: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         ``(B, C, n)`` pixel values of the ``n`` positions of ``region`` in row-major order,
         differentiable in ``z``. Work: ``len(inference_patches(region))`` patch evaluations.
     """
-    model._check_images(z, "z", check_finite=False)
+    model.check_images(z, "z", check_finite=False)
     geometry = model.geometry
-    mask_cpu = geometry._check_mask(region, "region")
+    mask_cpu = geometry.check_mask(region, "region")
     if not bool(mask_cpu.any()):
         raise ValueError("region is empty; expected at least one pixel to generate")
     plan = region_decode_plan(geometry, mask_cpu, z.device)

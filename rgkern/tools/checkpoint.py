@@ -14,14 +14,12 @@ so a run killed mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError"]
 
@@ -30,62 +28,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
-
-
-# errno values that mean "this place cannot take the file": reported with the path.
-_WRITE_ERRORS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
-
-
-def _os_errno(error: BaseException):
-    """The errno of an OSError, or of an I/O error a native writer reports as text.
-
-    safetensors (Rust) raises ``SafetensorError('... No space left on device (os error 28)')``
-    rather than ``OSError``; the code in its message is the errno.
-    """
-    if isinstance(error, OSError):
-        return error.errno
-    match = re.search(r"\(os error (\d+)\)", str(error))
-    return int(match.group(1)) if match else None
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename it.
-
-    On any failure the temporary file is removed and ``path`` is left as it was. A full
-    disk, a read-only file system or a folder without write permission (``ENOSPC``,
-    ``EDQUOT``, ``EROFS``, ``EACCES``, ``EPERM``, also when reported by safetensors as
-    text) raise ``OSError`` with that errno (``PermissionError`` for the permission cases)
-    and a message naming ``path`` and saying the previous file is unchanged.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        code = _os_errno(error)
-        if code not in _WRITE_ERRORS:
-            raise
-        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-        raise OSError(
-            code, f"cannot write {str(path)!r}: {_WRITE_ERRORS[code]} ({type(error).__name__}: {error}); {kept}"
-        ) from error
 
 
 def _json_sidecar(path: Path) -> Path:
@@ -122,8 +64,8 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, info: dict | Non
         "info": info or {},
     }
     text = json.dumps(document, indent=1, sort_keys=True)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"rgkern": text}))
-    _atomic_write(_json_sidecar(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"rgkern": text}))
+    atomic_write(_json_sidecar(path), lambda tmp: Path(tmp).write_text(text + "\n"))
     return path
 
 

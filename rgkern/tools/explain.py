@@ -187,8 +187,7 @@ def _receptive_fields(model, z: torch.Tensor, elements: torch.Tensor, progress: 
     N, C, L, _ = z.shape
     z = z.detach()
     decoder = IncrementalDecoder(model, z)
-    # Input of the inverse sublayer s, as run_cone_plan reads it: the decoder's cache entry s + 1.
-    sublayer_inputs = decoder._images[1:]
+    sublayer_inputs = decoder.sublayer_inputs  # what each inverse sublayer reads, for run_cone_plan
     fields = z.new_zeros(elements.shape[0], L * L)
     elements = elements.cpu()
     positions = elements[:, 1] * L + elements[:, 2]

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .checkpoint import _atomic_write
+from .files import atomic_write
 from .plots import save_image_grid
 from ..core.preprocess import postprocess
 
@@ -340,5 +340,5 @@ def write_samples(
             save_image_grid(pictures, tmp, nrow=nrow, scale=scale)
             _usual_permissions(tmp)
 
-        _atomic_write(png, write_png)
+        atomic_write(png, write_png)
     return {"png": None if png is None else Path(png), "npz": None if npz is None else Path(npz), "num": drawn}

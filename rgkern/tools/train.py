@@ -67,9 +67,10 @@ import torch
 from ..core.model import RGFlow
 from ..core.preprocess import bits_per_dim, preprocess
 from . import distributed as dist_utils
-from .checkpoint import _atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compile import compile_function
 from .distributed import DistributedContext
+from .files import atomic_write
 from .presets import PRESETS, TrainConfig
 
 __all__ = [
@@ -166,7 +167,7 @@ def check_output_folder(out) -> Path:
 
 def _write_json(path: Path, document) -> None:
     text = json.dumps(document, indent=1) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class _LogProb(torch.nn.Module):
