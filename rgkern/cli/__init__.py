@@ -11,11 +11,12 @@ is imported and its ``add_cli(subparsers)`` called. ``add_cli`` adds its parsers
 means 0). A module that does not exist (yet) is skipped; an import error inside an existing
 module is not hidden.
 
-Errors the library raises for bad input or missing files (``ValueError``, ``TypeError``,
-``OSError``), a torchrun set-up this machine cannot serve (``DistributedSetupError``) and a
-training run stopped by NaN/inf are printed as one line
+Errors raised for input the user can fix (:class:`rgkern.core.errors.InputError` and its
+subclasses: bad arguments and settings, missing or unwritable files, a torchrun set-up this
+machine cannot serve, a training run stopped by NaN/inf) are printed as one line
 ``rgkern <command>: error: ...`` on stderr, with exit code 2 (as for argparse's own usage
-errors), not as a traceback.
+errors). Any other exception is a bug, or a problem rgkern does not diagnose, and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import importlib
 import sys
 
+from ..core.errors import InputError
 from . import train as train_commands
 
 __all__ = ["main", "build_parser", "EXTENSION_MODULES"]
@@ -49,9 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
-    from ..tools.distributed import DistributedSetupError
-    from ..tools.train import NonFiniteError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
         return 2
     try:
         code = args.func(args)
-    except (ValueError, TypeError, OSError, NonFiniteError, DistributedSetupError) as error:
+    except InputError as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"rgkern {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError
 from ..core.preprocess import postprocess
 from ..tools.explain import (
     DEFAULT_TRAVERSAL_VALUES,
@@ -61,11 +62,11 @@ def _data_images(args, model, count: int, offset: int = 0) -> torch.Tensor:
     dataset = load_dataset(args.data, root=args.data_root, split="test", size=offset + count, seed=args.seed,
                            progress=not args.no_progress)
     if len(dataset) < offset + count:
-        raise ValueError(f"--data {args.data} has {len(dataset)} test images, {offset + count} are needed")
+        raise InputError(f"--data {args.data} has {len(dataset)} test images, {offset + count} are needed")
     images = torch.stack([dataset[k] for k in range(offset, offset + count)])
     C, L = model.channels, model.image_size
     if tuple(images.shape[1:]) != (C, L, L):
-        raise ValueError(
+        raise InputError(
             f"--data {args.data} has images of shape {tuple(images.shape[1:])}, the model expects ({C}, {L}, {L})"
         )
     return images.to(_device(model))

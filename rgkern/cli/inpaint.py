@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError
 from ..core.preprocess import postprocess, preprocess
 from ..data import load_dataset
 from ..locality.inpaint import central_known_mask, inpaint, psnr
@@ -60,7 +61,7 @@ def run_inpaint(args) -> int:
     dataset = load_dataset(args.data, root=args.data_root, split="test", size=args.num, seed=0)
     originals = torch.stack([dataset[i] for i in range(min(args.num, len(dataset)))])
     if tuple(originals.shape[1:]) != (model.channels, model.image_size, model.image_size):
-        raise ValueError(
+        raise InputError(
             f"dataset {args.data!r} has images of shape {tuple(originals.shape[1:])}, the model expects "
             f"{(model.channels, model.image_size, model.image_size)}"
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError
 from .options import add_common_options, add_speed_options, checkpoint_path, default_device, positive_float, positive_int, setup_runtime
 
 __all__ = ["add_cli", "run_train", "run_sample", "run_evaluate"]
@@ -149,9 +150,9 @@ def run_sample(args) -> int:
     npz = [p for p in args.out if p.lower().endswith(".npz")]
     other = [p for p in args.out if p not in png + npz]
     if other or len(png) > 1 or len(npz) > 1:
-        raise ValueError(f"--out takes at most one .png and one .npz path, got {args.out}")
+        raise InputError(f"--out takes at most one .png and one .npz path, got {args.out}")
     if args.cuda_graphs and torch.device(device).type != "cuda":
-        raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}; drop it (--compile works on the CPU)")
+        raise InputError(f"--cuda-graphs needs a CUDA device, got --device {device}; drop it (--compile works on the CPU)")
     for path in png + npz:  # before loading the model or sampling anything
         check_writable(path)
     model = load_model(checkpoint_path(args.checkpoint), device=device)
@@ -193,7 +194,7 @@ def run_evaluate(args) -> int:
     trained = state["info"].get("train_config", {})
     data = args.data or trained.get("data")
     if data is None:
-        raise ValueError("the checkpoint does not say which data it was trained on; pass --data")
+        raise InputError("the checkpoint does not say which data it was trained on; pass --data")
     data_root = args.data_root if args.data_root is not None else (trained.get("data_root") if data == trained.get("data") else None)
     size = args.test_size or (trained.get("test_size") if args.split == "test" and data == trained.get("data") else None)
     images = load_images(data, data_root, args.split, size, progress=not args.no_progress)

@@ -30,6 +30,7 @@ from ..kernels.launch import is_interpreted
 from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
 from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
 from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
+from .errors import InputError, InputTypeError
 from .precision import accumulator_dtype
 
 __all__ = [
@@ -238,9 +239,9 @@ class AffineCouplingFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- input checks
 def _check_tensor(name: str, value, dtypes, kind: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor ({kind}), got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor ({kind}), got {type(value).__name__}")
     if value.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {value.dtype}; expected {kind}, one of {list(dtypes)}")
+        raise InputTypeError(f"{name} has dtype {value.dtype}; expected {kind}, one of {list(dtypes)}")
     return value
 
 
@@ -257,11 +258,11 @@ def _check_runnable(name: str, value: torch.Tensor) -> None:
 
 def _check_same(reference_name: str, reference: torch.Tensor, name: str, value: torch.Tensor, dtype: bool = True):
     if value.device != reference.device:
-        raise ValueError(
+        raise InputError(
             f"{name} is on {value.device} but {reference_name} is on {reference.device}; put them on one device"
         )
     if dtype and value.dtype != reference.dtype:
-        raise TypeError(
+        raise InputTypeError(
             f"{name} has dtype {value.dtype} but {reference_name} has dtype {reference.dtype}; convert one of them"
         )
 
@@ -269,7 +270,7 @@ def _check_same(reference_name: str, reference: torch.Tensor, name: str, value: 
 def _check_image(name: str, x) -> torch.Tensor:
     _check_tensor(name, x, FLOAT_DTYPES, "a floating-point image")
     if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, C, L, L), got shape {tuple(x.shape)}")
+        raise InputError(f"{name} must be 4-D (B, C, L, L), got shape {tuple(x.shape)}")
     _check_runnable(name, x)
     return x.contiguous()
 
@@ -277,7 +278,7 @@ def _check_image(name: str, x) -> torch.Tensor:
 def _check_row_index(row_index, x: torch.Tensor) -> torch.Tensor:
     _check_tensor("row_index", row_index, INDEX_DTYPES, "an integer index table")
     if row_index.dim() != 2:
-        raise ValueError(f"row_index must be 2-D (P, D), got shape {tuple(row_index.shape)}")
+        raise InputError(f"row_index must be 2-D (P, D), got shape {tuple(row_index.shape)}")
     _check_same("x", x, "row_index", row_index, dtype=False)
     return row_index.contiguous()
 
@@ -306,7 +307,7 @@ def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor
     row_index = _check_row_index(row_index, x)
     expected = (x.shape[0] * row_index.shape[0], row_index.shape[1])
     if tuple(rows.shape) != expected:
-        raise ValueError(
+        raise InputError(
             f"rows has shape {tuple(rows.shape)}, expected (B*P, D) = {expected} for x of shape "
             f"{tuple(x.shape)} and row_index of shape {tuple(row_index.shape)}"
         )
@@ -344,7 +345,7 @@ def affine_coupling(
     """
     _check_tensor("x", x, FLOAT_DTYPES, "floating-point patch rows")
     if x.dim() != 2:
-        raise ValueError(f"x must be 2-D patch rows (N, D), got shape {tuple(x.shape)}")
+        raise InputError(f"x must be 2-D patch rows (N, D), got shape {tuple(x.shape)}")
     _check_runnable("x", x)
     # s/t network outputs in a narrower float than the rows (as autocast can give) are
     # promoted, as the reference's type promotion does: coupling arithmetic runs in x's dtype.
@@ -356,12 +357,12 @@ def affine_coupling(
         _check_same("x", x, name, value)
     for name, value in rows_like.items():
         if value.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected the shape of x {tuple(x.shape)}")
+            raise InputError(f"{name} has shape {tuple(value.shape)}, expected the shape of x {tuple(x.shape)}")
     for name, value in per_dim.items():
         if tuple(value.shape) != (x.shape[1],):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({x.shape[1]},)")
+            raise InputError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({x.shape[1]},)")
     if mask.requires_grad:
-        raise ValueError("mask requires grad, but the coupling mask is a constant; pass mask.detach()")
+        raise InputError("mask requires grad, but the coupling mask is a constant; pass mask.detach()")
     return AffineCouplingFunction.apply(
         x.contiguous(),
         s_raw.contiguous(),

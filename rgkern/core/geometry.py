@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError, InputTypeError
+
 __all__ = ["SublayerGeometry", "Geometry", "get_geometry", "check_image_size", "num_levels"]
 
 DISENTANGLER = "disentangler"
@@ -36,14 +38,14 @@ def check_image_size(image_size: int, kernel_size: int) -> int:
     """Validate ``image_size = kernel_size * 2**n`` and return the number of levels H."""
     for name, value in (("image_size", image_size), ("kernel_size", kernel_size)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+            raise InputTypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
         if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise InputError(f"{name} must be positive, got {value}")
     if kernel_size < 2 or kernel_size % 2:
-        raise ValueError(f"kernel_size must be an even integer >= 2, got {kernel_size}")
+        raise InputError(f"kernel_size must be an even integer >= 2, got {kernel_size}")
     ratio = image_size // kernel_size
     if image_size % kernel_size or ratio & (ratio - 1):
-        raise ValueError(
+        raise InputError(
             f"image size {image_size} is not kernel_size * 2**n for kernel_size={kernel_size}; "
             f"expected one of {[kernel_size * 2**n for n in range(7)]}, ..."
         )
@@ -104,7 +106,7 @@ class Geometry:
 
     def __init__(self, image_size: int, kernel_size: int, channels: int):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+            raise InputError(f"channels must be a positive int, got {channels!r}")
         self.num_levels = check_image_size(image_size, kernel_size)
         self.image_size = L = image_size
         self.kernel_size = k = kernel_size
@@ -197,12 +199,12 @@ class Geometry:
     def check_mask(self, mask: torch.Tensor, name: str) -> torch.Tensor:
         """``mask`` (bool ``(L, L)``) detached on the CPU; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"{name} must have dtype torch.bool, got {mask.dtype}")
+            raise InputTypeError(f"{name} must have dtype torch.bool, got {mask.dtype}")
         L = self.image_size
         if tuple(mask.shape) != (L, L):
-            raise ValueError(f"{name} must have shape ({L}, {L}), got {tuple(mask.shape)}")
+            raise InputError(f"{name} must have shape ({L}, {L}), got {tuple(mask.shape)}")
         return mask.detach().cpu()
 
     def _propagate(self, mask: torch.Tensor, order) -> tuple[torch.Tensor, list[torch.Tensor]]:

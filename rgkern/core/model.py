@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from . import ops
+from .errors import InputError, InputTypeError
 from .geometry import Geometry, get_geometry
 from .precision import accumulator_dtype
 from .priors import make_prior
@@ -123,14 +124,14 @@ def _per_level(name: str, value, num_levels: int) -> tuple[int, ...]:
     elif isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         values = tuple(value)
         if len(values) != num_levels:
-            raise ValueError(
+            raise InputError(
                 f"{name} has {len(values)} entries {values}, expected one per RG level ({num_levels} levels)"
             )
     else:
-        raise TypeError(f"{name} must be an int or a tuple of {num_levels} ints, got {value!r}")
+        raise InputTypeError(f"{name} must be an int or a tuple of {num_levels} ints, got {value!r}")
     minimum = 0 if name in ("n_mlp", "n_layers") else 1
     if any(v < minimum for v in values):
-        raise ValueError(f"{name} entries must be >= {minimum}, got {values}")
+        raise InputError(f"{name} entries must be >= {minimum}, got {values}")
     return values
 
 
@@ -173,7 +174,7 @@ class RGFlow(nn.Module):
         if n_layers is None:
             n_layers = default_n_layers(H)
         if isinstance(n_layers, Sequence) and len(n_layers) != H:
-            raise ValueError(
+            raise InputError(
                 f"n_layers has {len(n_layers)} entries {tuple(n_layers)}, but image_size={image_size} "
                 f"with kernel_size={kernel_size} has {H} RG levels; give one entry per level"
             )
@@ -234,26 +235,26 @@ class RGFlow(nn.Module):
         names ``x`` in the messages.
         """
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         C, L = self.channels, self.image_size
         if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, C, L, L) = (B, {C}, {L}, {L}), got shape {tuple(x.shape)}")
+            raise InputError(f"{name} must be 4-D (B, C, L, L) = (B, {C}, {L}, {L}), got shape {tuple(x.shape)}")
         if x.shape[1] != C:
-            raise ValueError(f"{name} has {x.shape[1]} channels, the model expects {C} (shape {tuple(x.shape)})")
+            raise InputError(f"{name} has {x.shape[1]} channels, the model expects {C} (shape {tuple(x.shape)})")
         if tuple(x.shape[2:]) != (L, L):
-            raise ValueError(f"{name} has spatial size {tuple(x.shape[2:])}, the model expects ({L}, {L})")
+            raise InputError(f"{name} has spatial size {tuple(x.shape[2:])}, the model expects ({L}, {L})")
         param = self._param()
         if x.dtype != param.dtype:
-            raise TypeError(
+            raise InputTypeError(
                 f"{name} has dtype {x.dtype} but the model parameters are {param.dtype}; "
                 f"convert one of them (e.g. x.to({param.dtype}) or model.to({x.dtype}))"
             )
         if x.device != param.device:
-            raise ValueError(f"{name} is on {x.device} but the model is on {param.device}; move one of them")
+            raise InputError(f"{name} is on {x.device} but the model is on {param.device}; move one of them")
         if check_finite and self.check_inputs and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(x).all()):
                 bad = int((~torch.isfinite(x)).sum())
-                raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite values")
+                raise InputError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite values")
 
     # ----------------------------------------------------------------- flow
     def encode(self, x: torch.Tensor):
@@ -290,13 +291,13 @@ class RGFlow(nn.Module):
             try:
                 per_level = [float(t) for t in temperature]
             except TypeError:
-                raise TypeError(f"temperature must be a float or a sequence of {H} floats, got {temperature!r}") from None
+                raise InputTypeError(f"temperature must be a float or a sequence of {H} floats, got {temperature!r}") from None
             if len(per_level) != H:
-                raise ValueError(
+                raise InputError(
                     f"temperature has {len(per_level)} entries {per_level}, expected one per RG level ({H} levels)"
                 )
         if any(not math.isfinite(t) or t < 0 for t in per_level):
-            raise ValueError(f"temperatures must be finite and >= 0, got {per_level}")
+            raise InputError(f"temperatures must be finite and >= 0, got {per_level}")
         device = self._param().device if device is None else torch.device(device)
         table = torch.tensor(per_level, dtype=dtype, device=device)
         return table[self.geometry.latent_level_of_elements(device)]
@@ -308,7 +309,7 @@ class RGFlow(nn.Module):
         samples gives the same latents as drawing ``a + b`` at once.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"number of samples must be a positive int, got {n!r}")
+            raise InputError(f"number of samples must be a positive int, got {n!r}")
         param = self._param()
         device = param.device if device is None else torch.device(device)
         dtype = param.dtype if dtype is None else dtype
@@ -331,10 +332,10 @@ class RGFlow(nn.Module):
         if batch_size is None:
             batch_size = n
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         with torch.inference_mode():
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise ValueError(f"number of samples must be a positive int, got {n!r}")
+                raise InputError(f"number of samples must be a positive int, got {n!r}")
             chunks = [
                 self.decode(self.sample_latents(min(batch_size, n - start), temperature, generator))
                 for start in range(0, n, batch_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .errors import InputError
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -18,7 +19,7 @@ __all__ = ["BACKENDS", "check_backend", "resolve_backend", "gather_patches", "sc
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     return backend
 
 

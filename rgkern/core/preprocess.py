@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .errors import InputError, InputTypeError
+
 __all__ = ["ALPHA", "preprocess", "postprocess", "bits_per_dim"]
 
 ALPHA = 0.05
@@ -25,11 +27,11 @@ def preprocess(images: torch.Tensor, generator=None, dequantize: bool = True, dt
     ``dequantize=False`` uses the bin centres (``u = 1/2``) for deterministic evaluation.
     """
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        raise InputTypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8 with values 0..255, got dtype {images.dtype}")
+        raise InputTypeError(f"images must be uint8 with values 0..255, got dtype {images.dtype}")
     if images.dim() != 4:
-        raise ValueError(f"images must be 4-D (B, C, L, L), got shape {tuple(images.shape)}")
+        raise InputError(f"images must be 4-D (B, C, L, L), got shape {tuple(images.shape)}")
     x = images.to(dtype)
     if dequantize:
         x = x + torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)

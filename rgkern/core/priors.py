@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["Prior", "LaplacePrior", "GaussianPrior", "make_prior", "PRIORS"]
 
 
@@ -63,5 +65,5 @@ PRIORS = {"laplace": LaplacePrior, "gaussian": GaussianPrior}
 
 def make_prior(name: str) -> Prior:
     if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r}; expected one of {tuple(PRIORS)}")
+        raise InputError(f"unknown prior {name!r}; expected one of {tuple(PRIORS)}")
     return PRIORS[name]()

@@ -11,14 +11,15 @@ Conventions shared by every dataset in this package
 * Images are loaded (or generated) eagerly in the constructor and kept in
   ``dataset.images``, a contiguous ``torch.uint8`` tensor ``(N, C, L, L)``.
   Labels, where a dataset has them, are attributes (``dataset.labels``).
-* Bad arguments raise :class:`ValueError` naming the value received and what
-  was expected.  Missing data raises :class:`DataNotFoundError`, which is both
-  a :class:`FileNotFoundError` and a :class:`ValueError`.
+* Bad arguments raise :class:`rgkern.core.errors.InputError` (a
+  :class:`ValueError`) naming the value received and what was expected.
+  Missing data raises :class:`DataNotFoundError`, which is both a
+  :class:`FileNotFoundError` and an ``InputError``.
 
 The datasets: :class:`MSDS` (``msds``: the synthetic MSDS1 / MSDS2 of the paper, generated
 with the authors' parameters), :class:`CIFAR10` (``cifar``) and :class:`ImageFolder`
-(``folder``); :func:`load_dataset` builds one by name. This package imports nothing else
-of rgkern.
+(``folder``); :func:`load_dataset` builds one by name. Of the rest of rgkern this package
+imports only :mod:`rgkern.core.errors` (which imports nothing).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Optional, Union
 
 from torch.utils.data import Dataset
 
+from ..core.errors import InputError
 from .base import DataNotFoundError, check_split
 from .cifar import CIFAR10, CIFAR10_CLASSES
 from .folder import IMAGE_EXTENSIONS, ImageFolder
@@ -72,16 +74,16 @@ def load_dataset(name: str, root: Optional[Union[str, os.PathLike]] = None,
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     split = check_split(split)
     if key in ("msds1", "msds2", "cifar10") and image_size not in (None, 32):
-        raise ValueError(f"{key} images are 32x32; image_size must be None or 32, "
+        raise InputError(f"{key} images are 32x32; image_size must be None or 32, "
                          f"got {image_size!r}")
     if key in ("msds1", "msds2"):
         return MSDS(kind=int(key[-1]), split=split, size=size, seed=seed,
                     progress=progress, cache_dir=root)
     if root is None:
-        raise ValueError(f"dataset {key!r} needs root (the folder holding its files), got None")
+        raise InputError(f"dataset {key!r} needs root (the folder holding its files), got None")
     if key == "cifar10":
         return CIFAR10(root, split=split, size=size)
     folder = Path(root)

@@ -9,15 +9,18 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from ..core.errors import InputError, InputFileNotFoundError
+
 __all__ = ["DataNotFoundError", "ImageDataset", "is_int", "check_split", "check_size"]
 
 
-class DataNotFoundError(FileNotFoundError, ValueError):
+class DataNotFoundError(InputFileNotFoundError):
     """A data folder or file is missing.
 
-    Subclasses both :class:`FileNotFoundError` and :class:`ValueError`, so
-    callers catching either (or :class:`OSError`) handle it.  ``str(err)`` is
-    the full message; ``err.path`` is the missing path (or ``None``).
+    An :class:`rgkern.core.errors.InputFileNotFoundError`: both a
+    :class:`FileNotFoundError` and a :class:`ValueError`, so callers catching
+    either (or :class:`OSError`) handle it.  ``str(err)`` is the full message;
+    ``err.path`` is the missing path (or ``None``).
     """
 
     def __init__(self, message: str, path: Optional[Union[str, os.PathLike]] = None):
@@ -49,7 +52,7 @@ def is_int(value) -> bool:
 def check_split(split) -> str:
     """``split`` itself if it is "train" or "test"."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
     return split
 
 
@@ -58,7 +61,7 @@ def check_size(size, total: int, what: str) -> int:
     if size is None:
         return total
     if not is_int(size) or size <= 0 or size > total:
-        raise ValueError(
+        raise InputError(
             f"size must be None or a positive int <= {total} (the size of {what}), "
             f"got {size!r}")
     return int(size)

@@ -10,6 +10,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..core.errors import InputError
 from .base import DataNotFoundError, ImageDataset, check_size, check_split
 
 __all__ = ["CIFAR10", "CIFAR10_CLASSES"]
@@ -58,23 +59,23 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     except OSError:
         raise
     except Exception as exc:
-        raise ValueError(
+        raise InputError(
             f"cannot read CIFAR-10 batch {path}: not a valid CIFAR-10 python pickle "
             f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(batch, dict):
-        raise ValueError(f"CIFAR-10 batch {path} holds a {type(batch).__name__}, "
+        raise InputError(f"CIFAR-10 batch {path} holds a {type(batch).__name__}, "
                          "expected a dict with b'data' and b'labels'")
     data, labels = _get(batch, "data"), _get(batch, "labels")
     if data is None or labels is None:
-        raise ValueError(f"CIFAR-10 batch {path} lacks b'data' or b'labels' "
+        raise InputError(f"CIFAR-10 batch {path} lacks b'data' or b'labels' "
                          f"(keys: {sorted(map(repr, batch))})")
     data = np.asarray(data)
     labels = np.asarray(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"CIFAR-10 batch {path}: b'data' has shape {data.shape} and "
+        raise InputError(f"CIFAR-10 batch {path}: b'data' has shape {data.shape} and "
                          f"dtype {data.dtype}, expected uint8 (N, 3072)")
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"CIFAR-10 batch {path}: {labels.shape} labels for "
+        raise InputError(f"CIFAR-10 batch {path}: {labels.shape} labels for "
                          f"{data.shape[0]} images")
     # Rows are row-major (3, 32, 32): 1024 red, then 1024 green, then 1024 blue.
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..core.errors import InputError
 from .base import DataNotFoundError, ImageDataset, check_size, is_int
 
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS"]
@@ -46,7 +47,7 @@ def _load_image(path: Path, mode: str, image_size: Optional[int]) -> np.ndarray:
             im.load()
             im = _to_mode(im, mode)
     except Exception as exc:
-        raise ValueError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     if image_size is not None:
         w, h = im.size
         side = min(w, h)
@@ -87,16 +88,16 @@ class ImageFolder(ImageDataset):
     def __init__(self, root: Union[str, os.PathLike], image_size: Optional[int] = None,
                  channels: int = 3, size: Optional[int] = None, progress: bool = False):
         if channels not in (1, 3) or isinstance(channels, bool):
-            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+            raise InputError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
         if image_size is not None and (not is_int(image_size) or image_size <= 0):
-            raise ValueError(f"image_size must be None or a positive int, got {image_size!r}")
+            raise InputError(f"image_size must be None or a positive int, got {image_size!r}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"image folder {self.root} does not exist "
                                     "(or is not a folder)", self.root)
         files = _list_images(self.root)
         if not files:
-            raise ValueError(f"no image files found in {self.root} (looked recursively for "
+            raise InputError(f"no image files found in {self.root} (looked recursively for "
                              f"extensions {', '.join(IMAGE_EXTENSIONS)}, any case)")
         n = check_size(size, len(files), f"the {len(files)} images in {self.root}")
         self.files = files[:n]
@@ -110,12 +111,12 @@ class ImageFolder(ImageDataset):
             if image_size is None:
                 h, w = arr.shape[1:]
                 if h != w:
-                    raise ValueError(
+                    raise InputError(
                         f"image {path} is {w}x{h} (width x height), not square; pass "
                         "image_size to centre-crop and resize")
                 if arrays and arrays[0].shape != arr.shape:
                     s0 = arrays[0].shape[1]
-                    raise ValueError(
+                    raise InputError(
                         f"image {path} is {w}x{h} but {self.files[0]} is {s0}x{s0}; all "
                         "images must have one size, or pass image_size to resize them")
             arrays.append(arr)

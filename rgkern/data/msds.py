@@ -51,6 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..core.errors import InputError
 from .base import ImageDataset, check_size, check_split, is_int
 
 __all__ = ["MSDS_SPLIT_SIZES", "MSDS_IMAGE_SIZE", "generate_msds", "MSDS"]
@@ -70,13 +71,13 @@ _BICUBIC = Image.Resampling.BICUBIC
 
 def _check_kind(kind) -> int:
     if not is_int(kind) or int(kind) not in (1, 2):
-        raise ValueError(f"kind must be 1 (MSDS1) or 2 (MSDS2), got {kind!r}")
+        raise InputError(f"kind must be 1 (MSDS1) or 2 (MSDS2), got {kind!r}")
     return int(kind)
 
 
 def _check_seed(seed) -> int:
     if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise InputError(f"seed must be a non-negative int, got {seed!r}")
     return int(seed)
 
 
@@ -85,25 +86,25 @@ def _msds_indices(indices_or_count, split: str) -> np.ndarray:
     if is_int(indices_or_count):
         count = int(indices_or_count)
         if count < 0 or count > total:
-            raise ValueError(
+            raise InputError(
                 f"image count must be an int in [0, {total}] for the {split!r} split, "
                 f"got {indices_or_count!r}")
         return np.arange(count, dtype=np.int64)
     try:
         idx = np.asarray(indices_or_count)
     except Exception as exc:  # pragma: no cover - exotic inputs
-        raise ValueError(
+        raise InputError(
             f"indices_or_count must be an int or a 1-D sequence of ints, got "
             f"{indices_or_count!r}") from exc
     if idx.size == 0:
         return np.zeros(0, dtype=np.int64)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             "indices_or_count must be an int or a 1-D sequence of ints, got an array "
             f"of shape {idx.shape} and dtype {idx.dtype}")
     bad = (idx < 0) | (idx >= total)
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"image indices must lie in [0, {total}) for the {split!r} split, got "
             f"{int(idx[bad][0])}")
     return idx.astype(np.int64)

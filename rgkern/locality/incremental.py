@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import ops
+from ..core.errors import InputError, InputTypeError
 from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
 __all__ = ["IncrementalEncoder", "IncrementalDecoder", "ConeEvaluation"]
@@ -60,13 +61,13 @@ def _fingerprint(parameters) -> tuple:
 
 def _check_like(value, cached: torch.Tensor, name: str) -> None:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.shape != cached.shape:
-        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected the cached shape {tuple(cached.shape)}")
+        raise InputError(f"{name} has shape {tuple(value.shape)}, expected the cached shape {tuple(cached.shape)}")
     if value.dtype != cached.dtype:
-        raise TypeError(f"{name} has dtype {value.dtype}, expected the cached dtype {cached.dtype}")
+        raise InputTypeError(f"{name} has dtype {value.dtype}, expected the cached dtype {cached.dtype}")
     if value.device != cached.device:
-        raise ValueError(f"{name} is on {value.device}, expected the cached device {cached.device}")
+        raise InputError(f"{name} is on {value.device}, expected the cached device {cached.device}")
 
 
 # --------------------------------------------------------------------------------- cached passes
@@ -202,7 +203,7 @@ class _CachedPass:
             outside = ((new != cached_input).any(dim=1) & ~mask_dev).any(dim=0)
             if bool(outside.any()):
                 where = outside.nonzero()
-                raise ValueError(
+                raise InputError(
                     f"{self._input_name}_new differs from the cached {self._input_name} at {len(where)} "
                     f"position(s) outside {self._mask_name} (first at row, col {tuple(where[0].tolist())}); "
                     f"{self._mask_name} must cover every changed position"
@@ -211,7 +212,7 @@ class _CachedPass:
             changed = new[:, :, mask_dev]
             if not bool(torch.isfinite(changed).all()):
                 bad = int((~torch.isfinite(changed)).sum())
-                raise ValueError(f"x_new contains {bad} non-finite values (NaN or inf) in region; expected finite values")
+                raise InputError(f"x_new contains {bad} non-finite values (NaN or inf) in region; expected finite values")
 
         if _fingerprint(self._parameters) != self._fingerprint or not self._consistent:
             # The weights changed since the cache was built (or an update was interrupted
@@ -331,17 +332,17 @@ class IncrementalEncoder(_CachedPass):
         """
         mask_cpu = self.geometry.check_mask(region, "region")
         if not bool(mask_cpu.any()):
-            raise ValueError("region is empty; evaluate needs at least one changed pixel")
+            raise InputError("region is empty; evaluate needs at least one changed pixel")
         batch = self._images[0].shape[0]
         C, n = self.geometry.channels, int(mask_cpu.sum())
         if not isinstance(values, torch.Tensor):
-            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+            raise InputTypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
         if values.dim() != 3 or values.shape[1:] != (C, n) or values.shape[0] % batch:
-            raise ValueError(
+            raise InputError(
                 f"values must have shape (B * R, {C}, {n}) with B = {batch} cached samples, got {tuple(values.shape)}"
             )
         if values.dtype != self._images[0].dtype:
-            raise TypeError(f"values have dtype {values.dtype}, expected the cached dtype {self._images[0].dtype}")
+            raise InputTypeError(f"values have dtype {values.dtype}, expected the cached dtype {self._images[0].dtype}")
         if _fingerprint(self._parameters) != self._fingerprint or not self._consistent:
             self.rebuild()
         plan = self._plan(mask_cpu)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import ops
+from ..core.errors import InputError, InputTypeError
 from ..core.precision import accumulator_dtype
 from .incremental import IncrementalEncoder
 from .region import decode_cone_values, region_decode_plan
@@ -133,7 +134,7 @@ class InpaintProblem:
 
 def _check_positive_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _unknown_masks(model, x, known_mask) -> list:
@@ -141,20 +142,20 @@ def _unknown_masks(model, x, known_mask) -> list:
     L = model.image_size
     B = x.shape[0]
     if not isinstance(known_mask, torch.Tensor):
-        raise TypeError(f"known_mask must be a torch.Tensor of dtype bool, got {type(known_mask).__name__}")
+        raise InputTypeError(f"known_mask must be a torch.Tensor of dtype bool, got {type(known_mask).__name__}")
     if known_mask.dtype != torch.bool:
-        raise TypeError(f"known_mask must have dtype torch.bool (True = known pixel), got {known_mask.dtype}")
+        raise InputTypeError(f"known_mask must have dtype torch.bool (True = known pixel), got {known_mask.dtype}")
     if tuple(known_mask.shape) == (L, L):
         masks = [~known_mask.detach().cpu()] * B
     elif tuple(known_mask.shape) == (B, L, L):
         masks = list(~known_mask.detach().cpu())
     else:
-        raise ValueError(
+        raise InputError(
             f"known_mask must have shape ({L}, {L}) or (B, {L}, {L}) = ({B}, {L}, {L}), got {tuple(known_mask.shape)}"
         )
     full = [b for b, m in enumerate(masks) if not bool(m.any())]
     if full:
-        raise ValueError(
+        raise InputError(
             f"known_mask marks every pixel as known for image(s) {full}; expected at least one unknown (False) pixel"
         )
     return masks
@@ -211,12 +212,12 @@ def inpaint(
     init_draws = restarts if init_draws is None else init_draws
     _check_positive_int("init_draws", init_draws, restarts)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive float, got {lr!r}")
+        raise InputError(f"lr must be a positive float, got {lr!r}")
     x = x.detach()
     B, C, L, _ = x.shape
     known_values = torch.where(torch.stack(masks).to(x.device)[:, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
     if not bool(torch.isfinite(known_values).all()):
-        raise ValueError("x has non-finite values (NaN or inf) at known pixels; expected finite known pixels")
+        raise InputError("x has non-finite values (NaN or inf) at known pixels; expected finite known pixels")
     incremental = incremental and not full
 
     groups: dict = {}
@@ -280,7 +281,7 @@ def inpaint(
 def central_known_mask(image_size: int, region_size: int) -> torch.Tensor:
     """Bool ``(L, L)``: False on a ``region_size`` square at the image centre, True elsewhere."""
     if isinstance(region_size, bool) or not isinstance(region_size, int) or not 1 <= region_size <= image_size:
-        raise ValueError(f"region size must be an int in [1, {image_size}], got {region_size!r}")
+        raise InputError(f"region size must be an int in [1, {image_size}], got {region_size!r}")
     known = torch.ones(image_size, image_size, dtype=torch.bool)
     start = (image_size - region_size) // 2
     known[start : start + region_size, start : start + region_size] = False

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.errors import InputError
+
 __all__ = ["ConePlan", "build_cone_plan", "run_cone_plan", "PLAN_CACHE_SIZE"]
 
 #: How many plans the caches of :mod:`rgkern.locality` keep (oldest dropped first).
@@ -80,7 +82,7 @@ class ConePlan:
         slots = torch.searchsorted(positions, wanted)
         inside = slots < len(positions)
         if not bool(inside.all()) or not torch.equal(positions[slots], wanted):
-            raise ValueError("mask has positions outside the plan's cone")
+            raise InputError("mask has positions outside the plan's cone")
         return slots.to(self.positions.device)
 
 
@@ -172,7 +174,7 @@ def run_cone_plan(model, plan: ConePlan, values: torch.Tensor, base_images=None,
         rows = values[:, :, stage.slots]  # (B', C, P', k*k)
         if not stage.all_fresh:
             if base_images is None:
-                raise ValueError("this plan reads cached values, but no base_images were given")
+                raise InputError("this plan reads cached values, but no base_images were given")
             base = base_images[stage.sublayer].flatten(2)[:, :, stage.pixels]
             if base.shape[0] != batch:
                 base = base.repeat_interleave(batch // base.shape[0], dim=0)

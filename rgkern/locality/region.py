@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..core import ops
+from ..core.errors import InputError
 from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
 __all__ = ["region_decode_plan", "decode_cone_values", "decode_region"]
@@ -64,7 +65,7 @@ def decode_region(model, z: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     geometry = model.geometry
     mask_cpu = geometry.check_mask(region, "region")
     if not bool(mask_cpu.any()):
-        raise ValueError("region is empty; expected at least one pixel to generate")
+        raise InputError("region is empty; expected at least one pixel to generate")
     plan = region_decode_plan(geometry, mask_cpu, z.device)
     backend = ops.resolve_backend(model.backend, z)
     cone_values = z.flatten(2)[:, :, plan.positions]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError, InputFileNotFoundError
 from .files import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError"]
@@ -26,7 +27,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
 
 
@@ -73,7 +74,7 @@ def _read(path: Path):
     from safetensors import safe_open
 
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise InputFileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from ..core.errors import InputError
+
 __all__ = ["compile_function", "COMPILE_BACKEND_ENV"]
 
 #: Environment variable naming the ``torch.compile`` backend of :func:`compile_function`
@@ -25,8 +27,8 @@ def compile_function(fn, device, cuda_graphs: bool = False, backend: str | None 
     """
     device = torch.device(device)
     if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
+        raise InputError(f"CUDA graphs need a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
     backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
     if cuda_graphs and backend != "inductor":
-        raise ValueError(f"CUDA graphs (mode='reduce-overhead') need the inductor backend, got backend {backend!r}")
+        raise InputError(f"CUDA graphs (mode='reduce-overhead') need the inductor backend, got backend {backend!r}")
     return torch.compile(fn, fullgraph=True, backend=backend, mode="reduce-overhead" if cuda_graphs else None)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.errors import InputError
+
 __all__ = [
     "DistributedContext",
     "DistributedSetupError",
@@ -48,7 +50,7 @@ __all__ = [
 _ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(InputError, RuntimeError):
     """torchrun asked for something this machine cannot give (e.g. more processes than GPUs)."""
 
 
@@ -85,12 +87,12 @@ def _env_int(environ, key: str, default=None) -> int:
     text = environ.get(key)
     if text is None:
         if default is None:
-            raise ValueError(f"environment variable {key} is not set")
+            raise InputError(f"environment variable {key} is not set")
         return default
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {key}={text!r} is not an integer") from None
+        raise InputError(f"environment variable {key}={text!r} is not an integer") from None
 
 
 def context_from_environment(environ=None) -> DistributedContext:
@@ -103,9 +105,9 @@ def context_from_environment(environ=None) -> DistributedContext:
     local_rank = _env_int(environ, "LOCAL_RANK")
     local_world_size = _env_int(environ, "LOCAL_WORLD_SIZE", default=world_size)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
+        raise InputError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
     if local_world_size < 1 or not 0 <= local_rank < local_world_size:
-        raise ValueError(f"inconsistent torchrun environment: LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world_size}")
+        raise InputError(f"inconsistent torchrun environment: LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world_size}")
     return DistributedContext(world_size, rank, local_rank, local_world_size)
 
 
@@ -143,7 +145,7 @@ def resolve_device(device, context: DistributedContext) -> torch.device:
             "or fewer, or train on the CPU (--device cpu, gloo)"
         )
     if device.index is not None and device.index != context.local_rank:
-        raise ValueError(
+        raise InputError(
             f"device {str(device)!r} given, but under torchrun process LOCAL_RANK={context.local_rank} uses "
             f"cuda:{context.local_rank}; pass --device cuda"
         )
@@ -188,7 +190,7 @@ def shutdown_distributed() -> None:
 def check_global_batch_size(batch_size: int, world_size: int) -> int:
     """Per-process batch size; ``ValueError`` when ``batch_size`` does not split evenly."""
     if batch_size % world_size:
-        raise ValueError(
+        raise InputError(
             f"the global batch size {batch_size} is not divisible by the number of processes {world_size} "
             f"(torchrun --nproc_per_node x nodes); use a multiple of {world_size}, e.g. {batch_size - batch_size % world_size or world_size}"
         )

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.errors import InputError, InputTypeError
 from ..core.preprocess import preprocess
 
 __all__ = [
@@ -74,7 +75,7 @@ def check_level(model, level) -> int:
     """``level`` itself if it is an RG level of ``model`` (an int in ``0 .. H-1``), else ``ValueError``."""
     H = model.num_levels
     if not _is_int(level) or not 0 <= level < H:
-        raise ValueError(f"level {level!r} is out of range; expected an int in 0..{H - 1} (the model has {H} RG levels)")
+        raise InputError(f"level {level!r} is out of range; expected an int in 0..{H - 1} (the model has {H} RG levels)")
     return level
 
 
@@ -84,7 +85,7 @@ def check_channel(model, channel):
     if channel is None:
         return None
     if not _is_int(channel) or not 0 <= channel < C:
-        raise ValueError(f"channel {channel!r} is out of range; expected None (all channels) or an int in 0..{C - 1}")
+        raise InputError(f"channel {channel!r} is out of range; expected None (all channels) or an int in 0..{C - 1}")
     return channel
 
 
@@ -100,20 +101,20 @@ def _check_positions(model, positions, level: int | None) -> torch.Tensor:
     try:
         rows = torch.as_tensor(positions)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"positions must be an (i, j) pair of ints or a sequence of them, got {positions!r}") from None
+        raise InputError(f"positions must be an (i, j) pair of ints or a sequence of them, got {positions!r}") from None
     if rows.dim() == 1:
         rows = rows[None]
     if rows.dim() != 2 or rows.shape[1] != 2 or rows.shape[0] == 0 or rows.is_floating_point():
-        raise ValueError(f"positions must be an (i, j) pair of ints or a sequence of them, got {positions!r}")
+        raise InputError(f"positions must be an (i, j) pair of ints or a sequence of them, got {positions!r}")
     rows = rows.long()
     for i, j in rows.tolist():
         if not (0 <= i < L and 0 <= j < L):
-            raise ValueError(f"latent position ({i}, {j}) is outside the image; expected 0 <= i, j <= {L - 1}")
+            raise InputError(f"latent position ({i}, {j}) is outside the image; expected 0 <= i, j <= {L - 1}")
         if level is not None:
             found = int(model.levels[i, j])
             if found != level:
                 examples = ", ".join(str(tuple(p)) for p in latent_positions(model, level)[:4].tolist())
-                raise ValueError(
+                raise InputError(
                     f"latent position ({i}, {j}) holds a latent of RG level {found}, not level {level}; "
                     f"level-{level} latents sit at positions such as {examples} (see latent_positions)"
                 )
@@ -123,7 +124,7 @@ def _check_positions(model, positions, level: int | None) -> torch.Tensor:
 def as_latents(model, z) -> torch.Tensor:
     """Latents ``(B, C, L, L)`` from latents (float) or 8-bit images (uint8, encoded at bin centres)."""
     if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z must be a torch.Tensor of latents (float) or 8-bit images (uint8), got {type(z).__name__}")
+        raise InputTypeError(f"z must be a torch.Tensor of latents (float) or 8-bit images (uint8), got {type(z).__name__}")
     if z.dtype == torch.uint8:
         param = _param(model)
         x, _ = preprocess(z.to(param.device), dequantize=False, dtype=param.dtype)
@@ -136,7 +137,7 @@ def as_latents(model, z) -> torch.Tensor:
 def as_model_space(model, x, name: str) -> torch.Tensor:
     """Model-space images from 8-bit (uint8) or model-space (float) images."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (uint8 images or model-space floats), got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor (uint8 images or model-space floats), got {type(x).__name__}")
     if x.dtype == torch.uint8:
         param = _param(model)
         return preprocess(x.to(param.device), dequantize=False, dtype=param.dtype)[0]
@@ -146,7 +147,7 @@ def as_model_space(model, x, name: str) -> torch.Tensor:
 def _check_shape(model, x, name: str) -> None:
     C, L = model.channels, model.image_size
     if x.dim() != 4 or tuple(x.shape[1:]) != (C, L, L):
-        raise ValueError(f"{name} must have shape (B, {C}, {L}, {L}) for this model, got {tuple(x.shape)}")
+        raise InputError(f"{name} must have shape (B, {C}, {L}, {L}) for this model, got {tuple(x.shape)}")
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -296,7 +297,7 @@ def receptive_fields_per_level(
         a list of H :class:`LevelReceptiveFields`, level 0 first; latents sorted by ``(c, i, j)``.
     """
     if per_level is not None and (not _is_int(per_level) or per_level <= 0):
-        raise ValueError(f"per_level must be a positive int or None (all latents), got {per_level!r}")
+        raise InputError(f"per_level must be a positive int or None (all latents), got {per_level!r}")
     z = _sample_or_check_latents(model, z, num_samples, temperature, generator)
     chosen = []
     for h in range(model.num_levels):
@@ -391,12 +392,12 @@ def traverse(model, z, level: int, position, channel: int | None = None, values=
     channel = check_channel(model, channel)
     rows = _check_positions(model, position, level)
     if rows.shape[0] != 1:
-        raise ValueError(f"position must be one (i, j) pair, got {rows.shape[0]} positions")
+        raise InputError(f"position must be one (i, j) pair, got {rows.shape[0]} positions")
     (i, j), = rows.tolist()
     z = as_latents(model, z)
     values = torch.as_tensor(values, dtype=z.dtype, device=z.device).flatten()
     if values.numel() == 0 or not bool(torch.isfinite(values).all()):
-        raise ValueError(f"values must be a non-empty sequence of finite floats, got {values.tolist()}")
+        raise InputError(f"values must be a non-empty sequence of finite floats, got {values.tolist()}")
     B, V = z.shape[0], values.numel()
     grid = z[:, None].repeat(1, V, 1, 1, 1)
     channels = slice(None) if channel is None else slice(channel, channel + 1)
@@ -441,12 +442,12 @@ def mixed_temperature_grid(model, settings=None, n: int = 8, generator=None, z=N
     """
     settings = default_temperature_settings(model.num_levels) if settings is None else list(settings)
     if not settings:
-        raise ValueError("settings must hold at least one temperature setting, got an empty sequence")
+        raise InputError("settings must hold at least one temperature setting, got an empty sequence")
     if z is None:
         unit = model.sample_latents(n, 1.0, generator=generator)
     else:
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"z must be float latents (n, C, L, L) at temperature 1, got {type(z).__name__} {getattr(z, 'dtype', '')}")
+            raise InputTypeError(f"z must be float latents (n, C, L, L) at temperature 1, got {type(z).__name__} {getattr(z, 'dtype', '')}")
         _check_shape(model, z, "z")
         unit = z
     temperatures = [model.temperature_map(s, unit.device, unit.dtype) for s in settings]
@@ -457,9 +458,9 @@ def mixed_temperature_grid(model, settings=None, n: int = 8, generator=None, z=N
 def _check_pair(model, x_a, x_b) -> tuple[torch.Tensor, torch.Tensor]:
     for name, x in (("x_a", x_a), ("x_b", x_b)):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (uint8 images or model-space floats), got {type(x).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor (uint8 images or model-space floats), got {type(x).__name__}")
     if tuple(x_a.shape) != tuple(x_b.shape):
-        raise ValueError(
+        raise InputError(
             f"images to mix must have the same shape, got x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)}"
         )
     return as_model_space(model, x_a, "x_a"), as_model_space(model, x_b, "x_b")
@@ -468,7 +469,7 @@ def _check_pair(model, x_a, x_b) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_cut(model, cut) -> int:
     H = model.num_levels
     if not _is_int(cut) or not 0 <= cut <= H:
-        raise ValueError(
+        raise InputError(
             f"cut {cut!r} is out of range; expected an int in 0..{H} "
             f"(0 = below level 0, {H} = above the top level {H - 1})"
         )

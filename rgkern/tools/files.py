@@ -11,6 +11,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from ..core.errors import file_error
+
 __all__ = ["atomic_write"]
 
 # errno values that mean "this place cannot take the file": reported with the path.
@@ -64,6 +66,6 @@ def atomic_write(path: Path, write) -> None:
         if code not in _WRITE_ERRORS:
             raise
         kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-        raise OSError(
+        raise file_error(
             code, f"cannot write {str(path)!r}: {_WRITE_ERRORS[code]} ({type(error).__name__}: {error}); {kept}"
         ) from error

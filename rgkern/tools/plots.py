@@ -12,21 +12,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import InputError, InputTypeError
+
 __all__ = ["image_grid", "save_image_grid", "plot_history"]
 
 
 def _as_uint8_array(images) -> np.ndarray:
     if isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8:
-            raise TypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
+            raise InputTypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
         images = images.detach().cpu().numpy()
     elif isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
-            raise TypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
+            raise InputTypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
     else:
-        raise TypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
+        raise InputTypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             f"images must have shape (N, C, H, W) with N >= 1 and C = 1 or 3, got shape {tuple(images.shape)}"
         )
     return images
@@ -42,9 +44,9 @@ def image_grid(images, nrow: int | None = None, padding: int = 1, pad_value: int
     n, channels, height, width = images.shape
     nrow = math.ceil(math.sqrt(n)) if nrow is None else nrow
     if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow <= 0:
-        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+        raise InputError(f"nrow must be a positive int, got {nrow!r}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+        raise InputError(f"padding must be a non-negative int, got {padding!r}")
     ncol = min(nrow, n)
     rows = math.ceil(n / ncol)
     grid = np.full(
@@ -68,7 +70,7 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 1, paddi
     from PIL import Image
 
     if isinstance(scale, bool) or not isinstance(scale, int) or scale <= 0:
-        raise ValueError(f"scale must be a positive int, got {scale!r}")
+        raise InputError(f"scale must be a positive int, got {scale!r}")
     grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
     if scale > 1:
         grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -89,7 +91,7 @@ def plot_history(history, path, title: str | None = None) -> Path:
     from matplotlib.figure import Figure
 
     if not isinstance(history, (list, tuple)) or not all(isinstance(e, dict) and "step" in e for e in history):
-        raise ValueError("history must be a list of dicts with 'step', 'train_bpd' and 'test_bpd'")
+        raise InputError("history must be a list of dicts with 'step', 'train_bpd' and 'test_bpd'")
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.subplots()
     for key, label, style in (("train_bpd", "training (mean since previous point)", "-"), ("test_bpd", "held-out", "o-")):

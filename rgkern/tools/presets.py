@@ -13,6 +13,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..core.errors import InputError, InputTypeError
+
 __all__ = ["PRESETS", "TrainConfig", "make_config", "preset_names"]
 
 # RGFlow keyword arguments (image_size and channels come from the data) and training
@@ -128,7 +130,7 @@ class TrainConfig:
             if allow_none and value is None:
                 return
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+                raise InputError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
         for name in ("batch_size", "steps", "eval_every", "checkpoint_every", "eval_batch_size"):
             positive_int(name)
@@ -137,19 +139,19 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError(f"lr and grad_clip must be > 0, got lr={self.lr!r}, grad_clip={self.grad_clip!r}")
+            raise InputError(f"lr and grad_clip must be > 0, got lr={self.lr!r}, grad_clip={self.grad_clip!r}")
         for name in ("bf16", "compile", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise InputError(f"seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.model, dict):
-            raise TypeError(f"model must be a dict of RGFlow keyword arguments, got {type(self.model).__name__}")
+            raise InputTypeError(f"model must be a dict of RGFlow keyword arguments, got {type(self.model).__name__}")
         for key in ("image_size", "channels"):
             if key in self.model:
-                raise ValueError(f"model must not set {key!r}: it is taken from the data")
+                raise InputError(f"model must not set {key!r}: it is taken from the data")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -161,7 +163,7 @@ def make_config(preset: str = "cpu", **overrides) -> TrainConfig:
     ``model`` in ``overrides`` updates the preset's model dict key by key.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {preset_names()}")
+        raise InputError(f"unknown preset {preset!r}; expected one of {preset_names()}")
     settings = copy.deepcopy(PRESETS[preset])
     settings.pop("description", None)
     settings.pop("hidden", None)
@@ -171,5 +173,5 @@ def make_config(preset: str = "cpu", **overrides) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
+        raise InputError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
     return TrainConfig(preset=preset, **settings)

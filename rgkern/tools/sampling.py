@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..core.errors import InputError, file_error
 from .files import atomic_write
 from .plots import save_image_grid
 from ..core.preprocess import postprocess
@@ -53,7 +54,7 @@ def parse_temperature(text: str):
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"temperature must be a number or a comma-separated list of numbers (one per RG level), got {text!r}"
         ) from None
     return values[0] if len(values) == 1 else values
@@ -61,13 +62,13 @@ def parse_temperature(text: str):
 
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise InputError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def _sampling_generator(generator, seed) -> torch.Generator:
     if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
+        raise InputError("pass either generator or seed, not both")
     if generator is None:
         generator = torch.Generator()
         if seed is None:
@@ -75,7 +76,7 @@ def _sampling_generator(generator, seed) -> torch.Generator:
         else:
             generator.manual_seed(int(seed))
     elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise ValueError(
+        raise InputError(
             f"generator must be a CPU torch.Generator (latents are drawn on the CPU), got {generator!r}"
         )
     return generator
@@ -127,12 +128,12 @@ def sample_images(
     batch_size = _check_positive_int("batch_size", batch_size)
     for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs), ("bf16", bf16)):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+            raise InputError(f"{name} must be True or False, got {value!r}")
     model.temperature_map(temperature, device="cpu")  # raises ValueError/TypeError for a bad temperature
     generator = _sampling_generator(generator, seed)
     param = next(model.parameters())
     if bf16 and param.dtype != torch.float32:
-        raise ValueError(f"bf16 sampling needs a float32 model, got parameters of dtype {param.dtype}")
+        raise InputError(f"bf16 sampling needs a float32 model, got parameters of dtype {param.dtype}")
 
     def decode(z):
         return postprocess(model.decode(z))
@@ -182,14 +183,14 @@ def check_writable(path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder; give a file name")
+        raise file_error(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise OSError(
+        raise file_error(
             error.errno, f"cannot write {str(path)!r}: its folder {str(path.parent)!r} is not writable ({error.strerror or error})"
         ) from None
     return path
@@ -197,7 +198,7 @@ def check_writable(path) -> Path:
 
 def _write_error(path: Path, error: OSError) -> OSError:
     """The OSError to raise when writing ``path`` failed half-way (disk full and the like)."""
-    return OSError(error.errno, f"cannot write {str(path)!r}: {error.strerror or error}; nothing was written there")
+    return file_error(error.errno, f"cannot write {str(path)!r}: {error.strerror or error}; nothing was written there")
 
 
 def _usual_permissions(path) -> None:
@@ -295,7 +296,7 @@ def write_samples(
     Returns ``{"png": Path | None, "npz": Path | None, "num": images drawn}``.
     """
     if png is None and npz is None:
-        raise ValueError("give png and/or npz: there is nowhere to write the samples")
+        raise InputError("give png and/or npz: there is nowhere to write the samples")
     grid_size = _check_positive_int("grid_size", grid_size)
     batches = sample_images(
         model, num, batch_size, temperature, generator=generator, seed=seed, progress=progress,

@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError, InputFileExistsError, InputFileNotFoundError, InputPermissionError, InputTypeError
 from ..core.model import RGFlow
 from ..core.preprocess import bits_per_dim, preprocess
 from . import distributed as dist_utils
@@ -97,7 +98,7 @@ HISTORY_NAME = "history.json"
 _RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "weight_decay", "grad_clip", "seed", "bf16")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(InputError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite; training stopped before the update."""
 
     def __init__(self, message: str, step: int):
@@ -122,7 +123,7 @@ def batch_indices(step: int, num_images: int, batch_size: int, seed: int) -> tor
     """
     per_epoch = num_images // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {num_images} training images")
+        raise InputError(f"batch_size {batch_size} is larger than the {num_images} training images")
     epoch, position = divmod(step, per_epoch)
     generator = torch.Generator().manual_seed(_derived_seed(seed, _ORDER_STREAM, epoch))
     return torch.randperm(num_images, generator=generator)[position * batch_size : (position + 1) * batch_size]
@@ -137,7 +138,7 @@ def load_images(name: str, root=None, split: str = "train", size: int | None = N
     if not isinstance(images, torch.Tensor):
         images = torch.stack([dataset[i] for i in range(len(dataset))])
     if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(f"dataset {name!r} gave images of dtype {images.dtype} and shape {tuple(images.shape)}, expected uint8 (N, C, L, L)")
+        raise InputError(f"dataset {name!r} gave images of dtype {images.dtype} and shape {tuple(images.shape)}, expected uint8 (N, C, L, L)")
     return images
 
 
@@ -161,7 +162,7 @@ def check_output_folder(out) -> Path:
         os.unlink(probe)
     except OSError as error:
         reason = error.strerror or str(error)
-        raise PermissionError(f"output folder {str(out)!r} is not writable ({reason}); choose another one") from None
+        raise InputPermissionError(f"output folder {str(out)!r} is not writable ({reason}); choose another one") from None
     return out
 
 
@@ -202,7 +203,7 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: b
     from tqdm.auto import tqdm
 
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or len(images) == 0:
-        raise ValueError("images must be a non-empty uint8 tensor (N, C, L, L)")
+        raise InputError("images must be a non-empty uint8 tensor (N, C, L, L)")
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
     total = torch.zeros((), dtype=torch.float64, device=param.device)
@@ -251,19 +252,19 @@ class Trainer:
         self.device = dist_utils.resolve_device(config.device, self.distributed)
         self.local_batch_size = dist_utils.check_global_batch_size(config.batch_size, self.distributed.world_size)
         if config.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(
+            raise InputError(
                 f"cuda_graphs needs a CUDA device, got device {str(self.device)!r}; drop --cuda-graphs (--compile works on the CPU)"
             )
         for name, images in (("train_images", train_images), ("test_images", test_images)):
             if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or len(images) == 0:
-                raise ValueError(f"{name} must be a non-empty uint8 tensor (N, C, L, L)")
+                raise InputError(f"{name} must be a non-empty uint8 tensor (N, C, L, L)")
             if images.shape[1:] != (model.channels, model.image_size, model.image_size):
-                raise ValueError(
+                raise InputError(
                     f"{name} have shape {tuple(images.shape[1:])} per image, the model expects "
                     f"({model.channels}, {model.image_size}, {model.image_size})"
                 )
         if len(train_images) < config.batch_size:
-            raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_images)} training images")
+            raise InputError(f"batch_size {config.batch_size} is larger than the {len(train_images)} training images")
         self.model = model.to(self.device)
         # Inputs come from uint8 images through preprocess: finite by construction. Skipping
         # the model's check removes its host synchronisation from every step.
@@ -324,13 +325,13 @@ class Trainer:
         run that wrote it: the global batch is what counts).
         """
         if not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"cannot resume: {str(self.checkpoint_path)!r} does not exist")
+            raise InputFileNotFoundError(f"cannot resume: {str(self.checkpoint_path)!r} does not exist")
         state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, map_location=self.device)
         saved = state["info"].get("train_config", {})
         mine = self.config.to_dict()
         changed = {k: (saved.get(k), mine.get(k)) for k in _RESUME_KEYS if saved.get(k) != mine.get(k)}
         if changed:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume {str(self.checkpoint_path)!r}: training settings differ from the checkpoint's "
                 f"(checkpoint, now): {changed}; use the same settings or start a new run in another folder"
             )
@@ -502,11 +503,11 @@ def train(
     """
     start = time.time()
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig (see make_config), got {type(config).__name__}")
+        raise InputTypeError(f"config must be a TrainConfig (see make_config), got {type(config).__name__}")
     if time_limit is not None and (
         isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0 or not math.isfinite(time_limit)
     ):
-        raise ValueError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
+        raise InputError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
     context, device, started = dist_utils.init_distributed(config.device)
     try:
         return _train(config, out, resume, overwrite, progress, log, time_limit, context, device, start)
@@ -521,15 +522,15 @@ def _train(config, out, resume, overwrite, progress, log, time_limit, context, d
         log, progress = _quiet, False
     local_batch = dist_utils.check_global_batch_size(config.batch_size, context.world_size)
     if config.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
+        raise InputError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
     out = check_output_folder(out)
     checkpoint = out / CHECKPOINT_NAME
     if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other")
+        raise InputError("resume and overwrite exclude each other")
     if resume and not checkpoint.exists():
-        raise FileNotFoundError(f"cannot resume: {str(checkpoint)!r} does not exist")
+        raise InputFileNotFoundError(f"cannot resume: {str(checkpoint)!r} does not exist")
     if checkpoint.exists() and not (resume or overwrite):
-        raise FileExistsError(
+        raise InputFileExistsError(
             f"{str(out)!r} already holds a checkpoint; resume it (--resume), start over (--overwrite) or choose another folder"
         )
     dist_utils.barrier(context)  # every process has looked before rank 0 removes anything
