@@ -4,13 +4,13 @@ Run with ``pytest bench/bench_speed.py --benchmark-only`` (or ``pytest bench/ --
 
 Groups (``benchmark.group``):
 
-* ``sample_batch_<N>``: :func:`rgkern.sampling.sample_images` in steady state (one batch of N
+* ``sample_batch_<N>``: :func:`rgkern.tools.sampling.sample_images` in steady state (one batch of N
   per timed call: latents drawn on the CPU, decoded on the device, copied back as uint8),
   for N in 64, 256, 1024, 4096, 16384 on a GPU (``RGKERN_BENCH_SAMPLE_SIZES`` overrides).
   Paths: ``reference`` (float32, pure PyTorch), ``kernels`` (float32, Triton),
   ``kernels_bf16`` (bf16 autocast for the s/t networks), and on a GPU
   ``kernels_compiled_cuda_graphs`` (``compile=True, cuda_graphs=True``).
-* ``train_step``: :meth:`rgkern.train.Trainer.train_step` (preprocessing, forward, backward,
+* ``train_step``: :meth:`rgkern.tools.train.Trainer.train_step` (preprocessing, forward, backward,
   clipping, AdamW and the NaN check's one host sync), batch 64 (``RGKERN_BENCH_BATCH``).
   Paths: ``reference``, ``reference_compiled`` (GPU), ``kernels``, ``kernels_bf16`` and
   ``kernels_compiled_cuda_graphs`` (GPU).

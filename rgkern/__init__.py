@@ -3,11 +3,15 @@
     model = rgkern.RGFlow(image_size=32, channels=3)   # DESIGN.md section 6
     z, logdet = model.encode(x)
 
-Submodules: ``geometry`` (index tables, levels, cones), ``reference`` / ``ops`` /
-``triton_ops`` (the per-sublayer ops and their backends), ``model``, ``priors``,
-``preprocess``, ``checkpoint``, ``data``, ``train``, ``sampling``, ``plots``,
-``incremental``, ``inpaint`` (the module; ``rgkern.inpaint`` here is its function),
-``explain`` and ``cli``. The Triton kernels install as ``rgkern.kernels``.
+Subpackages, one layer each, each importing only the layers below it (README, "Layout"):
+``kernels`` (the Triton kernels and their launchers, installed from the top-level folder
+``kernels/``; of rgkern they use only ``core.precision``), ``core`` (geometry, reference
+ops, autograd Functions, backend dispatch, the model, priors, preprocessing, errors),
+``locality`` (cone plans, incremental passes, region decoding, inpainting), ``tools``
+(presets, training, compile, sampling, explainability, checkpoints, distributed, plots)
+and ``cli`` (the command line). ``data`` (the datasets) is a leaf that tools and cli use;
+of rgkern it imports only ``core.errors``. This module re-exports the public API;
+``rgkern.inpaint`` here is the function (the module is ``rgkern.locality.inpaint``).
 """
 from .core.geometry import Geometry, get_geometry
 from .core.model import RGFlow

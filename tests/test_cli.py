@@ -1,4 +1,4 @@
-"""Tests for the command line (rgkern.cli), sampling (rgkern.sampling) and pictures (rgkern.plots)."""
+"""Tests for the command line (rgkern.cli), sampling (rgkern.tools.sampling) and pictures (rgkern.tools.plots)."""
 import re
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (rgkern.distributed): two CPU processes on gloo.
+"""Data-parallel training under torchrun (rgkern.tools.distributed): two CPU processes on gloo.
 
 The runs go through the real entry point, ``python -m torch.distributed.run --standalone
 --nproc_per_node=2 -m rgkern train ...`` (``--standalone`` picks a free port), and are

@@ -1,6 +1,6 @@
 """Inference and generation cones (paper sec. 3.4, 3.5; DESIGN.md section 2).
 
-The cones come from dirty-set propagation in rgkern.geometry; here they are checked against
+The cones come from dirty-set propagation in rgkern.core.geometry; here they are checked against
 brute force (perturb a pixel of a random float64 model and see which latents move, and the
 reverse for generation) and against the counts DESIGN.md section 2 quotes.
 """

@@ -1,4 +1,4 @@
-"""Tests for rgkern.train: learning, bit-identical resume, NaN stop, bf16, bad folders and configs."""
+"""Tests for rgkern.tools.train: learning, bit-identical resume, NaN stop, bf16, bad folders and configs."""
 import json
 import math
 

@@ -1,7 +1,7 @@
 """The Triton kernel path of the per-sublayer ops: autograd Functions and torch.library ops.
 
-Public functions with the signatures of :mod:`rgkern.reference` (``rgkern.ops`` calls them
-for ``backend="triton"``)::
+Public functions with the signatures of :mod:`rgkern.core.reference` (``rgkern.core.ops``
+calls them for ``backend="triton"``)::
 
     gather_patches(x, row_index)                                     -> rows (B*P, D)
     scatter_patches(x, rows, row_index)                              -> image (B, C, L, L)
@@ -9,8 +9,8 @@ for ``backend="triton"``)::
 
 They check their inputs (one check, one message naming the value), make them contiguous
 and call thin ``torch.autograd.Function``\\ s (:class:`GatherPatchesFunction`,
-:class:`ScatterPatchesFunction`, :class:`AffineCouplingFunction`) whose forward and backward only call the
-host functions in :mod:`rgkern.kernels`.
+:class:`ScatterPatchesFunction`, :class:`AffineCouplingFunction`) whose forward and
+backward only call the host functions in :mod:`rgkern.kernels`.
 
 torch.library: the forward and backward computations are also registered as operators in
 the ``rgkern`` namespace (``torch.ops.rgkern.gather_patches`` and so on, see
@@ -285,7 +285,7 @@ def _check_row_index(row_index, x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- public functions
 def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
-    """Kernel version of :func:`rgkern.reference.gather_patches`: ``(B, C, L, L) -> (B*P, D)``.
+    """Kernel version of :func:`rgkern.core.reference.gather_patches`: ``(B, C, L, L) -> (B*P, D)``.
 
     ``row_index`` ``(P, D)`` (int64 or int32): flat indices into one ``(C, L, L)`` image,
     a whole sublayer table or any subset of its rows. Differentiable wrt ``x``.
@@ -296,7 +296,7 @@ def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
-    """Kernel version of :func:`rgkern.reference.scatter_patches`: rows into a copy of ``x``.
+    """Kernel version of :func:`rgkern.core.reference.scatter_patches`: rows into a copy of ``x``.
 
     ``rows`` ``(B*P, D)`` of ``x``'s dtype; the patches of ``row_index`` must not overlap
     (true of every sublayer table and its subsets). Differentiable wrt ``x`` and ``rows``.
@@ -334,7 +334,7 @@ def affine_coupling(
     mask: torch.Tensor,
     inverse: bool = False,
 ):
-    """Kernel version of :func:`rgkern.reference.affine_coupling` (one fused kernel each way).
+    """Kernel version of :func:`rgkern.core.reference.affine_coupling` (one fused kernel each way).
 
     Args:
         x, s_raw, t_raw: ``(N, D)``; s_scale, t_scale, mask: ``(D,)``; one dtype and device.

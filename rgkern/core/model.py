@@ -56,7 +56,7 @@ class ResidualMLP(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """One coupling half-step on patch rows ``(N, D)`` (see :func:`rgkern.reference.affine_coupling`).
+    """One coupling half-step on patch rows ``(N, D)`` (see :func:`rgkern.core.reference.affine_coupling`).
 
     ``s`` and ``t`` are computed from the masked rows; their learned output scales start at
     zero, so the half-step starts as the identity.
@@ -327,7 +327,7 @@ class RGFlow(nn.Module):
         (bounding the activation memory); the latents come from ``generator`` in the same
         order either way, so on the CPU chunked and unchunked sampling give the same images.
         Runs under ``torch.inference_mode()``. For more samples than fit in memory at once,
-        stream them with :func:`rgkern.sampling.sample_images`.
+        stream them with :func:`rgkern.tools.sampling.sample_images`.
         """
         if batch_size is None:
             batch_size = n

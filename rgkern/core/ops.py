@@ -1,9 +1,9 @@
 """Backend dispatch for the per-sublayer ops.
 
-``backend="torch"`` runs :mod:`rgkern.reference`; ``"triton"`` the Triton kernels behind
-their autograd Functions (:mod:`rgkern.triton_ops`); ``"auto"`` the kernels on CUDA tensors
-and the reference elsewhere. Names, shapes and conventions are those of
-:mod:`rgkern.reference`.
+``backend="torch"`` runs :mod:`rgkern.core.reference`; ``"triton"`` the Triton kernels
+behind their autograd Functions (:mod:`rgkern.core.functions`); ``"auto"`` the kernels on
+CUDA tensors and the reference elsewhere. Names, shapes and conventions are those of
+:mod:`rgkern.core.reference`.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Pure-PyTorch reference ops: the slow, obviously-right path every kernel is tested against.
 
-Each function here has the signature of its kernel counterpart (``rgkern.ops``) and is
+Each function here has the signature of its kernel counterpart (``rgkern.core.ops``) and is
 differentiable with plain autograd. They take raw tensors and index tables from
-:mod:`rgkern.geometry`, never a model.
+:mod:`rgkern.core.geometry`, never a model.
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def build_cone_plan(geometry, start: torch.Tensor, stages, inverse: bool, device
     """Build a :class:`ConePlan` from a start mask and ``(sublayer, patch indices)`` pairs.
 
     Args:
-        geometry: the model's :class:`rgkern.geometry.Geometry`.
+        geometry: the model's :class:`rgkern.core.geometry.Geometry`.
         start: bool ``(L, L)``, the positions whose values are given (changed pixels for an
             encode, changed latents for a decode).
         stages: iterable of ``(sublayer index, LongTensor of patch indices)`` in running

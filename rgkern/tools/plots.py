@@ -86,7 +86,7 @@ def plot_history(history, path, title: str | None = None) -> Path:
 
     ``history`` is a list of dicts with ``step``, ``train_bpd`` and ``test_bpd`` (either
     bits/dim may be ``None``, e.g. the held-out value before the first step has no training
-    value), as written by :class:`rgkern.train.Trainer`.
+    value), as written by :class:`rgkern.tools.train.Trainer`.
     """
     from matplotlib.figure import Figure
 

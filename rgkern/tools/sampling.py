@@ -286,7 +286,7 @@ def write_samples(
         png: path of the grid image (optional). npz: path of an ``.npz`` holding ``images``,
             uint8 ``(num, C, L, L)`` (optional); it is written batch by batch, so all images
             never sit in memory at once, and appears atomically when complete.
-        nrow, scale: grid layout (see :func:`rgkern.plots.save_image_grid`).
+        nrow, scale: grid layout (see :func:`rgkern.tools.plots.save_image_grid`).
         The rest as for :func:`sample_images`.
 
     Without ``npz`` only the first ``grid_size`` images are drawn.

@@ -24,23 +24,23 @@ A run is a pure function of its :class:`~rgkern.tools.presets.TrainConfig` (and 
 
 So training ``2N`` steps, or ``N`` steps, then ``resume=True`` for ``N`` more, gives the same
 weights bit for bit (on the same device). Checkpoints (``out/model.safetensors`` with its
-``model.json``, via :func:`rgkern.checkpoint.save_checkpoint`) hold the model, the AdamW
+``model.json``, via :func:`rgkern.tools.checkpoint.save_checkpoint`) hold the model, the AdamW
 state, the RNG states, the step and, in ``info``, the training config and the history;
 ``out/history.json`` holds the history alone.
 
 Failure handling: a NaN or infinite loss or gradient norm stops training with
 :class:`NonFiniteError` naming the step; the update is not applied and nothing is written,
 so the last good checkpoint stays. Resuming with a different model config raises
-:class:`rgkern.checkpoint.CheckpointError`; with different training settings, ``ValueError``.
+:class:`rgkern.tools.checkpoint.CheckpointError`; with different training settings, ``ValueError``.
 An output folder that cannot be written raises ``PermissionError`` before any work starts; a
 disk that fills up while a checkpoint is written raises ``OSError`` naming the file, and the
-previous checkpoint stays intact (:func:`rgkern.checkpoint.save_checkpoint` writes atomically).
+previous checkpoint stays intact (:func:`rgkern.tools.checkpoint.save_checkpoint` writes atomically).
 
 Speed and scale
 ---------------
 * Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N -m rgkern train ...`` trains
   with DistributedDataParallel; ``batch_size`` stays the global batch and the run equals the
-  single-process run up to float rounding (:mod:`rgkern.distributed` says how).
+  single-process run up to float rounding (:mod:`rgkern.tools.distributed` says how).
 * ``bf16``: bfloat16 autocast around the model (:meth:`Trainer.loss`).
 * ``compile``: the model's ``log_prob`` goes through ``torch.compile(fullgraph=True)``
   (:func:`rgkern.tools.compile.compile_function`); ``cuda_graphs`` (CUDA only) uses ``mode="reduce-overhead"``,
@@ -226,8 +226,8 @@ class Trainer:
         config: a :class:`TrainConfig` (``steps`` is the total to reach, also after a resume).
         out: output folder (checked for writing here).
         log: a function taking one line of text (default ``print``; silenced on ranks > 0).
-        distributed: a :class:`rgkern.distributed.DistributedContext`; default: that of the
-            initialised process group (:func:`rgkern.distributed.current_context`), a single
+        distributed: a :class:`rgkern.tools.distributed.DistributedContext`; default: that of the
+            initialised process group (:func:`rgkern.tools.distributed.current_context`), a single
             process without one. With more than one process the model is wrapped in
             DistributedDataParallel, every process trains on its shard of each global batch,
             and rank 0 alone evaluates and writes.
@@ -497,7 +497,7 @@ def train(
     or ``overwrite`` (start again; the old checkpoint and history are removed first).
     ``time_limit``: stop after that many seconds of training (see :meth:`Trainer.fit`).
 
-    Under ``torchrun`` (see :mod:`rgkern.distributed`) this starts the process group (and
+    Under ``torchrun`` (see :mod:`rgkern.tools.distributed`) this starts the process group (and
     ends it before returning), trains with DDP, and returns rank 0's history on every
     process; only rank 0 logs and writes.
     """
