@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import row_launch_shape, wrap_triton
-from .scatter_patches import scatter_rows_into
+from .scatter_patches import launch_patch_kernel, patch_block, scatter_rows_into
 
 __all__ = ["gather_patches_kernel", "gather_patches_forward", "gather_patches_backward"]
 
@@ -37,13 +36,7 @@ def gather_patches_kernel(
     of the image dtype, every element written. An index outside ``[0, image_numel)`` reads
     nothing and yields NaN.
     """
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    col = tl.arange(0, BLOCK_DIM)
-    live = (row < n_rows)[:, None] & (col < DIM)[None, :]
-    sample = row // num_patches
-    patch = row - sample * num_patches
-    index = tl.load(row_index_ptr + patch[:, None] * DIM + col[None, :], mask=live, other=0).to(tl.int64)
+    row, col, live, sample, index = patch_block(row_index_ptr, n_rows, num_patches, DIM, BLOCK_ROWS, BLOCK_DIM)
     in_image = live & (index >= 0) & (index < image_numel)
     values = tl.load(image_ptr + sample[:, None] * image_numel + index, mask=in_image, other=float("nan"))
     tl.store(rows_ptr + row[:, None] * DIM + col[None, :], values, mask=live)
@@ -65,19 +58,7 @@ def gather_patches_forward(x: torch.Tensor, row_index: torch.Tensor, out: torch.
     if out is None:
         out = torch.empty((n_rows, dim), dtype=x.dtype, device=x.device)
     if n_rows > 0:
-        width, block_rows, programs = row_launch_shape(n_rows, dim)
-        grid = (programs,)
-        wrap_triton(gather_patches_kernel)[grid](
-            x,
-            row_index,
-            out,
-            n_rows,
-            num_patches,
-            math.prod(x.shape[1:]),
-            DIM=dim,
-            BLOCK_ROWS=block_rows,
-            BLOCK_DIM=width,
-        )
+        launch_patch_kernel(gather_patches_kernel, (x, row_index, out), n_rows, row_index, math.prod(x.shape[1:]))
     return out
 
 

@@ -21,12 +21,52 @@ import triton.language as tl
 from .launch import row_launch_shape, wrap_triton
 
 __all__ = [
+    "patch_block",
+    "launch_patch_kernel",
     "scatter_patches_kernel",
     "scatter_patches_backward_kernel",
     "scatter_patches_forward",
     "scatter_patches_backward",
     "scatter_rows_into",
 ]
+
+
+@triton.jit
+def patch_block(row_index_ptr, n_rows, num_patches, DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_DIM: tl.constexpr):
+    """The block of rows this program handles, for every patch kernel (gather, scatter, backward).
+
+    Returns ``row`` ``(BLOCK_ROWS,)`` int64 (global row ``b*P + p``), ``col``
+    ``(BLOCK_DIM,)``, ``live`` ``(BLOCK_ROWS, BLOCK_DIM)`` (inside ``n_rows`` and ``DIM``),
+    ``sample`` ``(BLOCK_ROWS,)`` (``b``) and ``index`` ``(BLOCK_ROWS, BLOCK_DIM)`` int64:
+    ``row_index[p, d]``, 0 where not live.
+    """
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col = tl.arange(0, BLOCK_DIM)
+    live = (row < n_rows)[:, None] & (col < DIM)[None, :]
+    sample = row // num_patches
+    patch = row - sample * num_patches
+    index = tl.load(row_index_ptr + patch[:, None] * DIM + col[None, :], mask=live, other=0).to(tl.int64)
+    return row, col, live, sample, index
+
+
+def launch_patch_kernel(kernel, tensors, n_rows: int, row_index: torch.Tensor, image_numel: int) -> None:
+    """Launch a patch kernel over ``n_rows`` rows: ``kernel(*tensors, n_rows, P, image_numel, DIM=D, ...)``.
+
+    ``row_index`` is the ``(P, D)`` table; the block sizes and the grid come from
+    :func:`~rgkern.kernels.launch.row_launch_shape`. The caller skips empty launches.
+    """
+    num_patches, dim = row_index.shape
+    width, block_rows, programs = row_launch_shape(n_rows, dim)
+    wrap_triton(kernel)[(programs,)](
+        *tensors,
+        n_rows,
+        num_patches,
+        image_numel,
+        DIM=dim,
+        BLOCK_ROWS=block_rows,
+        BLOCK_DIM=width,
+    )
 
 
 @triton.jit
@@ -46,13 +86,7 @@ def scatter_patches_kernel(
     rows: ``(n_rows, DIM)``; row_index: ``(P, DIM)`` int64/int32; image: ``(B, image_numel)``,
     same dtype as rows. Writes only the indexed image elements.
     """
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    col = tl.arange(0, BLOCK_DIM)
-    live = (row < n_rows)[:, None] & (col < DIM)[None, :]
-    sample = row // num_patches
-    patch = row - sample * num_patches
-    index = tl.load(row_index_ptr + patch[:, None] * DIM + col[None, :], mask=live, other=0).to(tl.int64)
+    row, col, live, sample, index = patch_block(row_index_ptr, n_rows, num_patches, DIM, BLOCK_ROWS, BLOCK_DIM)
     live = live & (index >= 0) & (index < image_numel)
     values = tl.load(rows_ptr + row[:, None] * DIM + col[None, :], mask=live)
     tl.store(image_ptr + sample[:, None] * image_numel + index, values, mask=live)
@@ -78,13 +112,7 @@ def scatter_patches_backward_kernel(
     gradient of the elements no patch covers passes straight through); it is a separate
     buffer, so the reads of ``grad_out`` never see the zeros.
     """
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    col = tl.arange(0, BLOCK_DIM)
-    live = (row < n_rows)[:, None] & (col < DIM)[None, :]
-    sample = row // num_patches
-    patch = row - sample * num_patches
-    index = tl.load(row_index_ptr + patch[:, None] * DIM + col[None, :], mask=live, other=0).to(tl.int64)
+    row, col, live, sample, index = patch_block(row_index_ptr, n_rows, num_patches, DIM, BLOCK_ROWS, BLOCK_DIM)
     in_image = live & (index >= 0) & (index < image_numel)
     image_offset = sample[:, None] * image_numel + index
     grad = tl.load(grad_out_ptr + image_offset, mask=in_image, other=0)
@@ -97,22 +125,9 @@ def scatter_rows_into(image: torch.Tensor, rows: torch.Tensor, row_index: torch.
 
     All three contiguous and on one device; ``image`` and ``rows`` of one dtype. Returns ``image``.
     """
-    num_patches, dim = row_index.shape
     n_rows = rows.shape[0]
-    if n_rows > 0 and num_patches > 0:
-        width, block_rows, programs = row_launch_shape(n_rows, dim)
-        grid = (programs,)
-        wrap_triton(scatter_patches_kernel)[grid](
-            rows,
-            row_index,
-            image,
-            n_rows,
-            num_patches,
-            math.prod(image.shape[1:]),
-            DIM=dim,
-            BLOCK_ROWS=block_rows,
-            BLOCK_DIM=width,
-        )
+    if n_rows > 0 and row_index.shape[0] > 0:
+        launch_patch_kernel(scatter_patches_kernel, (rows, row_index, image), n_rows, row_index, math.prod(image.shape[1:]))
     return image
 
 
@@ -160,18 +175,8 @@ def scatter_patches_backward(
         grad_x, grad_rows = out
         grad_x.copy_(grad_out)
     if n_rows > 0:
-        width, block_rows, programs = row_launch_shape(n_rows, dim)
-        grid = (programs,)
-        wrap_triton(scatter_patches_backward_kernel)[grid](
-            grad_out,
-            row_index,
-            grad_rows,
-            grad_x,
-            n_rows,
-            num_patches,
+        launch_patch_kernel(
+            scatter_patches_backward_kernel, (grad_out, row_index, grad_rows, grad_x), n_rows, row_index,
             math.prod(grad_out.shape[1:]),
-            DIM=dim,
-            BLOCK_ROWS=block_rows,
-            BLOCK_DIM=width,
         )
     return grad_x, grad_rows
