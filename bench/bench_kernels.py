@@ -106,14 +106,8 @@ def maybe_compile(fn, path):
 
 
 @pytest.fixture(scope="module")
-def base_model(device):
-    torch.manual_seed(0)
-    model = rgkern.RGFlow(**MODEL, backend="torch").to(device)
-    with torch.no_grad():  # non-identity couplings (the scales start at zero)
-        for name, param in model.named_parameters():
-            if name.endswith("_scale"):
-                param.normal_(0, 0.1)
-    return model
+def base_model(make_base_model):
+    return make_base_model(MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ import time
 import pytest
 import torch
 
-import rgkern
 from rgkern.core.model import default_n_layers
 from rgkern.tools.sampling import sample_images
 from rgkern.tools.presets import TrainConfig
@@ -134,13 +133,8 @@ def matmul_rates(machine_limits, device):
 
 
 @pytest.fixture(scope="module")
-def base_model(device):
-    torch.manual_seed(0)
-    model = rgkern.RGFlow(**MODEL, backend="torch").to(device)
-    with torch.no_grad():  # non-identity couplings (the scales start at zero)
-        for name, param in model.named_parameters():
-            if name.endswith("_scale"):
-                param.normal_(0, 0.1)
+def base_model(make_base_model):
+    model = make_base_model(MODEL)
     flops = model_flops_per_image(model.config)
     assert flops == _counted_linear_flops(model), "model_flops_per_image disagrees with the model's Linear layers"
     return model

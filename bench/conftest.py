@@ -25,6 +25,24 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@pytest.fixture(scope="session")
+def make_base_model(device):
+    """``make_base_model(config)``: an ``RGFlow(**config, backend="torch")`` on ``device``, seeded,
+    with non-identity couplings (the learned scales start at zero; here they are drawn from N(0, 0.1))."""
+    import rgkern
+
+    def make(config: dict):
+        torch.manual_seed(0)
+        model = rgkern.RGFlow(**config, backend="torch").to(device)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("_scale"):
+                    param.normal_(0, 0.1)
+        return model
+
+    return make
+
+
 def _cuda_seconds(fn, repeats: int) -> float:
     """Median seconds of ``fn`` on the GPU, timed with CUDA events after a warm-up."""
     fn()

@@ -27,7 +27,7 @@ from ..tools.explain import (
     strongest_latent,
     traverse,
 )
-from .options import add_common_options, checkpoint_path, positive_int, setup_runtime
+from .options import add_checkpoint_option, add_common_options, checkpoint_path, positive_int, setup_runtime
 
 __all__ = [
     "add_cli",
@@ -154,7 +154,7 @@ def run_progressive(args) -> int:
 def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
     from ..tools.sampling import parse_temperature
 
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    add_checkpoint_option(parser)
     parser.add_argument("--out", required=True, help="PNG file to write")
     if data_help:
         parser.add_argument("--data", default=None, help=data_help)

@@ -14,7 +14,7 @@ from ..data import load_dataset
 from ..locality.inpaint import central_known_mask, inpaint, psnr
 from ..tools.checkpoint import load_model
 from ..tools.plots import save_image_grid
-from .options import add_common_options, checkpoint_path, positive_int, setup_runtime
+from .options import add_checkpoint_option, add_common_options, checkpoint_path, positive_int, setup_runtime
 
 __all__ = ["add_cli", "run_inpaint"]
 
@@ -34,7 +34,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
             "PNG grid (original | corrupted | filled | baseline per row) and the PSNR over the region."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    add_checkpoint_option(parser)
     parser.add_argument("--data", default="msds1", help="dataset for rgkern.data.load_dataset (default msds1); its test split is used")
     parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
     parser.add_argument("--num", type=positive_int, default=8, help="held-out images to inpaint (default 8)")

@@ -13,6 +13,7 @@ __all__ = [
     "add_speed_options",
     "add_common_options",
     "setup_runtime",
+    "add_checkpoint_option",
     "checkpoint_path",
 ]
 
@@ -59,6 +60,11 @@ def setup_runtime(args) -> str:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args.device or default_device()
+
+
+def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (required): a checkpoint file or a run folder; read it with :func:`checkpoint_path`."""
+    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
 
 
 def checkpoint_path(text: str) -> Path:

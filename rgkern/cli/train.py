@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 
 from ..core.errors import InputError
-from .options import add_common_options, add_speed_options, checkpoint_path, default_device, positive_float, positive_int, setup_runtime
+from .options import (
+    add_checkpoint_option,
+    add_common_options,
+    add_speed_options,
+    checkpoint_path,
+    default_device,
+    positive_float,
+    positive_int,
+    setup_runtime,
+)
 
 __all__ = ["add_cli", "run_train", "run_sample", "run_evaluate"]
 
@@ -125,7 +134,7 @@ def _add_sample(subparsers) -> None:
         description="Sample images from a trained model. Each --out path ending in .png gets a grid of the "
         "first --grid-size images; one ending in .npz gets all images as uint8 'images' (N, C, L, L).",
     )
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    add_checkpoint_option(parser)
     parser.add_argument("--num", type=positive_int, default=64, help="number of images (default 64)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded at once (default 256)")
     parser.add_argument("--temperature", default="1.0", help="a float, or one per RG level, comma-separated (e.g. 0.2,0.6,0.6,0.6)")
@@ -175,7 +184,7 @@ def _add_evaluate(subparsers) -> None:
         description="Bits/dim of a checkpoint on a dataset split, with the deterministic dequantisation "
         "noise used during training (rgkern.tools.train.evaluate_bpd).",
     )
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    add_checkpoint_option(parser)
     parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--split", default="test", choices=("train", "test"))
