@@ -178,22 +178,23 @@ def test_coupling_op(benchmark, direction, path, base_model, images, machine_lim
 def test_coupling_layer(benchmark, direction, path, base_model, images, machine_limits):
     benchmark.group = f"coupling_layer_{direction}"
     backend = BACKEND[path]
-    half = base_model.sublayers[0].blocks[0].halves[0]
-    mask = base_model.geometry.coupling_mask(images.device)
+    sublayer = base_model.sublayers[0]
     rows = ops.gather_patches(images, base_model.geometry.row_index(0, images.device), "torch")
     rows = rows.detach().requires_grad_(direction == "fwd_bwd")
 
     def forward():
-        return half(rows, mask, False, backend)
+        return sublayer.coupling(rows, 0, False, backend)
 
     def forward_backward():
         y, logdet = forward()
         (y.square().sum() + logdet.sum()).backward()
-        half.zero_grad(set_to_none=True)
+        sublayer.zero_grad(set_to_none=True)
         rows.grad = None
 
     timed(benchmark, forward if direction == "fwd" else forward_backward)
-    flops = sum(2 * m.in_features * m.out_features for m in half.modules() if isinstance(m, torch.nn.Linear)) * rows.shape[0]
+    # Both networks (s and t) of one half-step: 2 * w_in * w_out FLOPs per row and linear.
+    per_row = sum(2 * v.shape[2] * v.shape[-2] * v.shape[-1] for v in sublayer.networks.directions) * sublayer.networks.n_res
+    flops = per_row * rows.shape[0]
     record(benchmark, machine_limits, images=BATCH, flops=flops * (1 if direction == "fwd" else 3))
 
 

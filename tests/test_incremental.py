@@ -183,12 +183,12 @@ def test_weight_change_rebuilds_the_cache():
     assert torch.equal(z, model.encode(x_new)[0])
     # An in-place edit under no_grad is seen too.
     with torch.no_grad():
-        model.sublayers[0].blocks[0].halves[0].t_scale.mul_(2)
+        model.sublayers[0].networks.t_scale.mul_(2)
     x_new = change(x_new, region, seed=6)
     inc.update(x_new, region)
     assert inc.last_update_was_full
     # Writes through .data bypass the version counter: rebuild() by hand.
-    model.sublayers[-1].blocks[0].halves[1].s_scale.data.mul_(3)
+    model.sublayers[-1].networks.s_scale.data[1].mul_(3)
     inc.rebuild()
     x_new = change(x_new, region, seed=7)
     z = inc.update(x_new, region)

@@ -124,7 +124,7 @@ def test_gradients_reach_every_parameter():
 
 def test_float32_and_per_level_hyperparameters():
     model = rgkern.RGFlow(16, 3, 4, n_layers=(1, 2, 1), hidden=(8, 16, 4), n_res=(1, 2, 1), n_mlp=(1, 0, 2))
-    assert len(model.sublayers[2].blocks) == 2
+    assert model.sublayers[2].num_blocks == 2
     x = torch.randn(2, 3, 16, 16)
     z, logdet = model.encode(x)
     assert z.dtype == torch.float32 and logdet.dtype == torch.float32

@@ -2,15 +2,33 @@
 
 ``x`` of shape ``(B, C, L, L)`` maps bijectively to latents ``z`` of the same shape; the
 latent at pixel position ``(i, j)`` belongs to RG level ``model.levels[i, j]``.
+
+Parameter layout (the "lean path"). A sublayer runs ``2 * n_layers`` coupling half-steps in
+sequence, each with an ``s`` and a ``t`` residual MLP that read the same masked patch rows.
+Rather than one ``nn.Linear`` per layer, every weight of a sublayer lives in a few stacked
+tensors, indexed ``[half-step, residual block, network (0 = s, 1 = t), ...]``:
+
+* ``slopes[j]``   ``(P, n_res, 2, 1, w_in)``      the Swish slope before linear ``j``;
+* ``directions[j]`` ``(P, n_res, 2, w_out, w_in)`` the weight-norm direction ``v``;
+* ``magnitudes[j]`` ``(P, n_res, 2, w_out, 1)``   the weight-norm magnitude ``g``;
+* ``biases[j]``   ``(P, n_res, 2, 1, w_out)``;
+* ``s_scale``, ``t_scale`` ``(P, D)``             the learned output scales (start at zero);
+
+with ``j = 0 .. n_mlp`` the linears of a residual block (widths ``D, hidden, ..., hidden, D``)
+and ``P = 2 * n_layers``. So a pass computes the weight norm ``g * v / ||v||`` once per
+sublayer and stacked tensor (one op, not one per linear), casts the weights once under
+autocast, and runs the ``s`` and ``t`` networks of a half-step together: each layer is one
+batched GEMM (``torch.baddbmm``) on a ``(2, N, width)`` stack, with the residual
+``(x + f(x)) / sqrt(2)`` folded into the GEMM of the block's last linear.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .errors import InputError, InputTypeError
@@ -18,97 +36,174 @@ from .geometry import Geometry, get_geometry
 from .precision import accumulator_dtype
 from .priors import make_prior
 
-__all__ = ["RGFlow", "Swish", "ResidualMLP", "AffineCoupling", "RNVPBlock", "Sublayer"]
+__all__ = [
+    "RGFlow",
+    "CouplingNetworks",
+    "PreparedNetworks",
+    "Sublayer",
+    "default_n_layers",
+    "is_legacy_state_dict",
+    "convert_legacy_state_dict",
+]
+
+SQRT_HALF = 1 / math.sqrt(2)
+NETWORKS = 2  # s and t
 
 
-class Swish(nn.Module):
-    """``x * sigmoid(beta * x)`` with a learned per-feature slope ``beta`` (starts at 1)."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.beta = nn.Parameter(torch.ones(features))
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.beta * x)
+def _autocast_dtype(device: torch.device):
+    """The autocast dtype active for ``device``'s type, or None."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
-class ResidualMLP(nn.Module):
-    """``dim -> hidden -> ... -> dim`` residual network used for ``s`` and ``t``.
+class CouplingNetworks(nn.Module):
+    """The ``s`` and ``t`` residual MLPs of ``pairs`` coupling half-steps, stacked (see the module docstring).
 
-    ``n_res`` residual blocks ``x <- (x + f(x)) / sqrt(2)``; ``f`` is [Swish, weight-normalised
+    ``n_res`` residual blocks ``x <- (x + f(x)) / sqrt(2)``; ``f`` is [Swish
+    ``x * sigmoid(slope * x)`` with a learned per-feature slope, then a weight-normalised
     Linear] repeated ``n_mlp + 1`` times with widths ``dim, hidden, ..., hidden, dim``.
+    Initialisation as PyTorch's ``nn.Linear`` (uniform in ``+-1/sqrt(fan_in)``, weights and
+    biases) with ``g = ||v||``, slopes 1 and output scales 0: every half-step starts as the
+    identity.
     """
 
-    def __init__(self, dim: int, hidden: int, n_res: int, n_mlp: int):
+    def __init__(self, pairs: int, dim: int, hidden: int, n_res: int, n_mlp: int):
         super().__init__()
+        self.pairs, self.dim, self.n_res, self.n_mlp = pairs, dim, n_res, n_mlp
         widths = [dim] + [hidden] * n_mlp + [dim]
-        self.blocks = nn.ModuleList()
-        for _ in range(n_res):
-            layers = []
-            for w_in, w_out in zip(widths[:-1], widths[1:]):
-                layers += [Swish(w_in), weight_norm(nn.Linear(w_in, w_out))]
-            self.blocks.append(nn.Sequential(*layers))
+        self.slopes = nn.ParameterList()
+        self.directions = nn.ParameterList()
+        self.magnitudes = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        lead = (pairs, n_res, NETWORKS)
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            bound = 1 / math.sqrt(w_in)
+            direction = torch.empty(*lead, w_out, w_in).uniform_(-bound, bound)
+            self.slopes.append(nn.Parameter(torch.ones(*lead, 1, w_in)))
+            self.directions.append(nn.Parameter(direction))
+            self.magnitudes.append(nn.Parameter(direction.norm(dim=-1, keepdim=True)))
+            self.biases.append(nn.Parameter(torch.empty(*lead, 1, w_out).uniform_(-bound, bound)))
+        self.s_scale = nn.Parameter(torch.zeros(pairs, dim))
+        self.t_scale = nn.Parameter(torch.zeros(pairs, dim))
 
-    def forward(self, x):
-        for block in self.blocks:
-            x = (x + block(x)) * (1 / math.sqrt(2))
+    def extra_repr(self) -> str:
+        return f"pairs={self.pairs}, dim={self.dim}, n_res={self.n_res}, n_mlp={self.n_mlp}"
+
+    def prepared(self, device: torch.device) -> "PreparedNetworks":
+        """The per-pass tensors of :meth:`run` (see :class:`PreparedNetworks`).
+
+        The weight norm runs once per stacked tensor (``torch._weight_norm`` over the input
+        dimension of each output row, as ``nn.utils.weight_norm(nn.Linear)`` does). Under
+        autocast the results are cast to the autocast dtype here, once per pass, so the
+        GEMMs do not cast them per call.
+        """
+        cast = _autocast_dtype(device)
+        weights, biases, slopes = [], [], []
+        last = len(self.directions) - 1
+        for j, (v, g, b, slope) in enumerate(zip(self.directions, self.magnitudes, self.biases, self.slopes)):
+            w_out, w_in = v.shape[-2:]
+            if j == last:
+                # The residual's 1/sqrt(2) is folded into the last linear of each block (see run).
+                g, b = g * SQRT_HALF, b * SQRT_HALF
+            w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
+            if cast is not None:
+                w, b, slope = w.to(cast), b.to(cast), slope.to(cast)
+            # One unbind per tensor: its backward is one stack, where indexing per half-step
+            # would give one full-size select_backward per use.
+            weights.append(w.view(-1, NETWORKS, w_out, w_in).transpose(-1, -2).unbind(0))
+            biases.append(b.view(-1, NETWORKS, 1, w_out).unbind(0))
+            slopes.append(slope.view(-1, NETWORKS, 1, w_in).unbind(0))
+        return PreparedNetworks(weights, biases, slopes, self.s_scale.unbind(0), self.t_scale.unbind(0), cast)
+
+    def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks") -> torch.Tensor:
+        """``s_raw`` and ``t_raw`` stacked ``(2, N, D)`` of half-step ``pair`` from masked rows ``(N, D)``."""
+        # Under autocast the networks run in its dtype from the start (one cast per
+        # half-step, rather than one per GEMM input of the first block).
+        x = conditioner if prepared.dtype is None else conditioner.to(prepared.dtype)
+        last = len(prepared.weights) - 1
+        for i in range(pair * self.n_res, (pair + 1) * self.n_res):
+            h = x
+            for j, (w, b, slope) in enumerate(zip(prepared.weights, prepared.biases, prepared.slopes)):
+                a = h * torch.sigmoid(slope[i] * h)
+                if j == last:
+                    # (x + a @ W + B) / sqrt(2) = (b + x / sqrt(2)) + a @ w with the block's
+                    # last w = W / sqrt(2) and b = B / sqrt(2) from prepared().
+                    x = torch.baddbmm(torch.add(b[i], x, alpha=SQRT_HALF), a, w[i])
+                else:
+                    h = torch.baddbmm(b[i], a, w[i])
         return x
 
 
-class AffineCoupling(nn.Module):
-    """One coupling half-step on patch rows ``(N, D)`` (see :func:`rgkern.core.reference.affine_coupling`).
+class PreparedNetworks(NamedTuple):
+    """Per-pass tensors of :class:`CouplingNetworks`, each a tuple indexed by ``pair * n_res + block``.
 
-    ``s`` and ``t`` are computed from the masked rows; their learned output scales start at
-    zero, so the half-step starts as the identity.
+    ``weights[j][i]`` ``(2, w_in, w_out)`` weight-normalised; ``biases[j][i]`` ``(2, 1, w_out)``;
+    ``slopes[j][i]`` ``(2, 1, w_in)``; ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)``;
+    ``dtype``: the autocast dtype they were cast to, or None.
     """
 
-    def __init__(self, dim: int, hidden: int, n_res: int, n_mlp: int, flipped: bool):
-        super().__init__()
-        self.flipped = flipped
-        self.s_net = ResidualMLP(dim, hidden, n_res, n_mlp)
-        self.t_net = ResidualMLP(dim, hidden, n_res, n_mlp)
-        self.s_scale = nn.Parameter(torch.zeros(dim))
-        self.t_scale = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, rows, mask, inverse: bool, backend: str):
-        conditioner = rows * mask
-        s_raw = self.s_net(conditioner)
-        t_raw = self.t_net(conditioner)
-        return ops.affine_coupling(rows, s_raw, t_raw, self.s_scale, self.t_scale, mask, inverse, backend)
-
-
-class RNVPBlock(nn.Module):
-    """Two coupling half-steps with the checkerboard mask and its complement."""
-
-    def __init__(self, dim: int, hidden: int, n_res: int, n_mlp: int):
-        super().__init__()
-        self.halves = nn.ModuleList([AffineCoupling(dim, hidden, n_res, n_mlp, flipped) for flipped in (False, True)])
+    weights: list
+    biases: list
+    slopes: list
+    s_scales: tuple
+    t_scales: tuple
+    dtype: torch.dtype | None
 
 
 class Sublayer(nn.Module):
     """A disentangler or decimator: a stack of RNVP blocks applied to every patch of a sublayer.
 
-    All ``B*P`` patches share the weights. ``forward(x)`` returns the new image and the
-    per-sample log-det ``(B,)`` of this sublayer (float64 for float64 input, else float32).
+    An RNVP block is two coupling half-steps with the checkerboard mask and its complement;
+    half-step ``i`` (``i = 0 .. 2*n_layers - 1``, even ``i`` unflipped) uses pair ``i`` of
+    :attr:`networks`. All ``B*P`` patches share the weights. ``forward(x)`` returns the new
+    image and the per-sample log-det ``(B,)`` of this sublayer (float64 for float64 input,
+    else float32).
     """
 
     def __init__(self, geometry: Geometry, index: int, n_layers: int, hidden: int, n_res: int, n_mlp: int):
         super().__init__()
         self.geometry = geometry
         self.index = index
-        self.blocks = nn.ModuleList([RNVPBlock(geometry.patch_dim, hidden, n_res, n_mlp) for _ in range(n_layers)])
+        self.num_blocks = n_layers
+        self.networks = CouplingNetworks(2 * n_layers, geometry.patch_dim, hidden, n_res, n_mlp)
+        self.activation_checkpointing = False
 
     def extra_repr(self) -> str:
-        return self.geometry.sublayers[self.index].name
+        return f"{self.geometry.sublayers[self.index].name}, blocks={self.num_blocks}"
+
+    def coupling(self, rows: torch.Tensor, pair: int, inverse: bool, backend: str, prepared=None):
+        """Coupling half-step ``pair`` (``2 * block + flipped``) on patch rows ``(N, D)``.
+
+        Returns the new rows and the per-row log-det ``(N,)``. ``prepared``: this pass's
+        :meth:`CouplingNetworks.prepared` (computed here when None).
+        """
+        if prepared is None:
+            prepared = self.networks.prepared(rows.device)
+        mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(pair % 2))
+        s_raw, t_raw = self.networks.run(rows * mask, pair, prepared).unbind(0)
+        s_scale, t_scale = prepared.s_scales[pair], prepared.t_scales[pair]
+        return ops.affine_coupling(rows, s_raw, t_raw, s_scale, t_scale, mask, inverse, backend)
+
+    def _block(self, rows, logdet, block: int, inverse: bool, backend: str, prepared):
+        """The two half-steps of RNVP block ``block`` (in reverse for the inverse)."""
+        for flipped in (1, 0) if inverse else (0, 1):
+            rows, ld = self.coupling(rows, 2 * block + flipped, inverse, backend, prepared)
+            logdet = logdet + ld
+        return rows, logdet
 
     def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str):
         """Run the block stack on patch rows ``(N, D)``; returns rows and per-row log-det ``(N,)``."""
-        masks = [self.geometry.coupling_mask(rows.device, rows.dtype, flipped) for flipped in (False, True)]
+        prepared = self.networks.prepared(rows.device)
         logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
-        half_steps = [(half, masks[half.flipped]) for block in self.blocks for half in block.halves]
-        for half, mask in reversed(half_steps) if inverse else half_steps:
-            rows, ld = half(rows, mask, inverse, backend)
-            logdet = logdet + ld
+        blocks = range(self.num_blocks - 1, -1, -1) if inverse else range(self.num_blocks)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse
+        for block in blocks:
+            if recompute:
+                rows, logdet = checkpoint(self._block, rows, logdet, block, inverse, backend, prepared, use_reentrant=False)
+            else:
+                rows, logdet = self._block(rows, logdet, block, inverse, backend, prepared)
         return rows, logdet
 
     def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
@@ -152,6 +247,10 @@ class RGFlow(nn.Module):
         prior: ``"laplace"`` (default) or ``"gaussian"``.
         backend: ``"auto"`` (Triton on CUDA tensors, the reference elsewhere), ``"torch"``
             or ``"triton"``.
+        activation_checkpointing: recompute each RNVP block's activations in the backward
+            pass instead of saving them (less memory, about one more forward pass of work);
+            not part of :attr:`config`, since it does not change the function. Also
+            settable later as :attr:`activation_checkpointing`.
 
     Defaults are the paper's CelebA/CIFAR model (DESIGN.md section 1).
     """
@@ -167,6 +266,7 @@ class RGFlow(nn.Module):
         n_mlp=2,
         prior: str = "laplace",
         backend: str = "auto",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.geometry = get_geometry(image_size, kernel_size, channels)
@@ -196,6 +296,7 @@ class RGFlow(nn.Module):
             Sublayer(self.geometry, s.index, cfg["n_layers"][s.level], cfg["hidden"][s.level], cfg["n_res"][s.level], cfg["n_mlp"][s.level])
             for s in self.geometry.sublayers
         )
+        self.activation_checkpointing = activation_checkpointing
 
     # ----------------------------------------------------------------- properties
     @property
@@ -218,6 +319,19 @@ class RGFlow(nn.Module):
     @property
     def num_dims(self) -> int:
         return self.channels * self.image_size**2
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each RNVP block in the backward pass instead of saving its activations."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise InputTypeError(f"activation_checkpointing must be True or False, got {enabled!r}")
+        self._activation_checkpointing = enabled
+        for sublayer in self.sublayers:
+            sublayer.activation_checkpointing = enabled
 
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
@@ -261,10 +375,10 @@ class RGFlow(nn.Module):
         """``x (B, C, L, L) -> (z (B, C, L, L), logdet (B,))`` with ``logdet = log|det dz/dx|``."""
         self.check_images(x, "x", check_finite=True)
         backend = ops.resolve_backend(self.backend, x)
-        logdet = x.new_zeros(x.shape[0], dtype=accumulator_dtype(x.dtype))
+        logdet = None
         for sublayer in self.sublayers:
             x, ld = sublayer(x, inverse=False, backend=backend)
-            logdet = logdet + ld
+            logdet = ld if logdet is None else logdet + ld
         return x, logdet
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -306,7 +420,11 @@ class RGFlow(nn.Module):
         """Draw ``(n, C, L, L)`` latents from the prior at a temperature (float or one per level).
 
         Sample ``i`` gets the ``i``-th draw from ``generator``: drawing ``a`` then ``b``
-        samples gives the same latents as drawing ``a + b`` at once.
+        samples gives the same latents as drawing ``a + b`` at once. With a CPU generator
+        (or none, on the CPU) all ``n`` samples are drawn in one call: the CPU generator
+        fills a tensor element by element in order, so a batch is the concatenation of
+        its chunks. A CUDA generator (Philox) lays its draws out by the launch grid, which
+        depends on the tensor's size, so with one the samples are drawn one call each.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise InputError(f"number of samples must be a positive int, got {n!r}")
@@ -314,11 +432,11 @@ class RGFlow(nn.Module):
         device = param.device if device is None else torch.device(device)
         dtype = param.dtype if dtype is None else dtype
         temps = self.temperature_map(temperature, device, dtype)
-        # One draw per sample, so the latents of sample i do not depend on how many samples
-        # are drawn per call (chunked sampling reproduces one big batch).
-        shape = (1, self.channels, self.image_size, self.image_size)
-        draws = [self.prior.sample(shape, temps, generator=generator, device=device, dtype=dtype) for _ in range(n)]
-        return torch.cat(draws)
+        shape = (self.channels, self.image_size, self.image_size)
+        if generator is not None and generator.device.type != "cpu":
+            draws = [self.prior.sample((1, *shape), temps, generator=generator, device=device, dtype=dtype) for _ in range(n)]
+            return torch.cat(draws)
+        return self.prior.sample((n, *shape), temps, generator=generator, device=device, dtype=dtype)
 
     def sample(self, n: int, temperature=1.0, generator=None, batch_size: int | None = None) -> torch.Tensor:
         """``n`` samples ``(n, C, L, L)`` in model space; temperature: float or one per level.
@@ -341,3 +459,50 @@ class RGFlow(nn.Module):
                 for start in range(0, n, batch_size)
             ]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+# --------------------------------------------------------------------------- legacy checkpoints
+def _legacy_key(sublayer: int, pair: int, name: str) -> str:
+    block, half = divmod(pair, 2)
+    return f"sublayers.{sublayer}.blocks.{block}.halves.{half}.{name}"
+
+
+def is_legacy_state_dict(state: dict) -> bool:
+    """True for a state dict of the first layout (one ``nn.Linear`` per layer, ``blocks.B.halves.H``)."""
+    return any(".halves." in key for key in state)
+
+
+def convert_legacy_state_dict(state: dict, model: RGFlow) -> dict:
+    """Map a state dict of the first layout (checkpoint format 1) onto ``model``'s stacked layout.
+
+    The first layout had, per half-step ``h`` of block ``b`` of sublayer ``s``,
+    ``sublayers.s.blocks.b.halves.h.{s_net,t_net}.blocks.r.{2j}.beta`` (Swish slopes),
+    ``....{2j+1}.parametrizations.weight.original0`` / ``original1`` (weight-norm ``g`` /
+    ``v``), ``....{2j+1}.bias`` and ``...halves.h.{s_scale,t_scale}``. Half-step ``h`` of
+    block ``b`` is pair ``2b + h`` here. Raises ``KeyError`` naming a missing tensor.
+    """
+    out = {}
+    for s, sublayer in enumerate(model.sublayers):
+        nets = sublayer.networks
+        prefix = f"sublayers.{s}.networks"
+        for j in range(nets.n_mlp + 1):
+            parts = {
+                "slopes": (f"{2 * j}.beta", lambda t: t.reshape(1, -1)),
+                "directions": (f"{2 * j + 1}.parametrizations.weight.original1", lambda t: t),
+                "magnitudes": (f"{2 * j + 1}.parametrizations.weight.original0", lambda t: t.reshape(-1, 1)),
+                "biases": (f"{2 * j + 1}.bias", lambda t: t.reshape(1, -1)),
+            }
+            for name, (suffix, shape) in parts.items():
+                target = getattr(nets, name)[j]
+                stacked = torch.empty(target.shape, dtype=target.dtype)
+                for pair in range(nets.pairs):
+                    for r in range(nets.n_res):
+                        for n, network in enumerate(("s_net", "t_net")):
+                            key = _legacy_key(s, pair, f"{network}.blocks.{r}.{suffix}")
+                            stacked[pair, r, n] = shape(state[key])
+                out[f"{prefix}.{name}.{j}"] = stacked
+        for scale in ("s_scale", "t_scale"):
+            out[f"{prefix}.{scale}"] = torch.stack(
+                [state[_legacy_key(s, pair, scale)] for pair in range(nets.pairs)]
+            )
+    return out

@@ -64,11 +64,13 @@ def affine_coupling(
     Returns:
         y ``(N, D)`` and the per-row log-det ``(N,)``, float64 for float64 ``x``, else float32.
     """
+    # With the mask folded into the scales, s and t are exactly 0 on the conditioning half
+    # (tanh(0) = 0), where x * exp(0) + 0 = x exactly: the formulas above in fewer passes.
     keep = 1 - mask
-    s = torch.tanh(s_scale * s_raw)
-    t = t_scale * t_raw
-    logdet = (keep * s).to(accumulator_dtype(x.dtype)).sum(dim=1)
+    s = torch.tanh((s_scale * keep) * s_raw)
+    t = (t_scale * keep) * t_raw
+    logdet = s.to(accumulator_dtype(x.dtype)).sum(dim=1)
     if inverse:
-        return mask * x + keep * ((x - t) * torch.exp(-s)), -logdet
-    return mask * x + keep * (x * torch.exp(s) + t), logdet
+        return (x - t) * torch.exp(-s), -logdet
+    return torch.addcmul(t, x, torch.exp(s)), logdet
 

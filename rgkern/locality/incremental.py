@@ -198,9 +198,8 @@ class _CachedPass:
         cached_input = self._input
         _check_like(new, cached_input, self._input_name + "_new")
         mask_cpu = self.geometry.check_mask(mask, self._mask_name)
-        mask_dev = mask_cpu.to(new.device)
         if check:
-            outside = ((new != cached_input).any(dim=1) & ~mask_dev).any(dim=0)
+            outside = ((new != cached_input).any(dim=1) & ~mask_cpu.to(new.device)).any(dim=0)
             if bool(outside.any()):
                 where = outside.nonzero()
                 raise InputError(
@@ -208,10 +207,12 @@ class _CachedPass:
                     f"position(s) outside {self._mask_name} (first at row, col {tuple(where[0].tolist())}); "
                     f"{self._mask_name} must cover every changed position"
                 )
-        if not self._inverse:
-            changed = new[:, :, mask_dev]
-            if not bool(torch.isfinite(changed).all()):
-                bad = int((~torch.isfinite(changed)).sum())
+        plan = self._plan(mask_cpu)  # cached per mask: after the first update of a region no index work
+        batch = new.shape[0]
+        new_values = new.reshape(batch, -1)[:, plan.start_elements]
+        if not self._inverse and self.model.check_inputs:
+            if not bool(torch.isfinite(new_values).all()):
+                bad = int((~torch.isfinite(new_values)).sum())
                 raise InputError(f"x_new contains {bad} non-finite values (NaN or inf) in region; expected finite values")
 
         if _fingerprint(self._parameters) != self._fingerprint or not self._consistent:
@@ -220,22 +221,18 @@ class _CachedPass:
             self._full_pass(new.detach())
             self.last_patch_evals, self.last_update_was_full = self.total_patches, True
             return self._output.clone()
-        if not bool(mask_cpu.any()):
+        if len(plan.start_slots) == 0:
             self.last_patch_evals, self.last_update_was_full = 0, False
             return self._output.clone()
-        plan = self._plan(mask_cpu)
         if plan.covers_everything:
             self._full_pass(new.detach())
             self.last_patch_evals, self.last_update_was_full = self.total_patches, True
             return self._output.clone()
 
         backend = ops.resolve_backend(self.model.backend, new)
-        batch = new.shape[0]
         start = self._input.view(batch, -1)
-        element_index = (torch.arange(self.geometry.channels, device=new.device)[:, None] * mask_cpu.numel()
-                         + mask_dev.flatten().nonzero().flatten()[None, :]).flatten()
         self._consistent = False  # until every stage below is written
-        start.index_copy_(1, element_index, new.reshape(batch, -1)[:, element_index])
+        start.index_copy_(1, plan.start_elements, new_values)
         for stage in plan.stages:
             s = stage.sublayer
             source = self._source(s)
@@ -303,7 +300,10 @@ class IncrementalEncoder(_CachedPass):
                 channel or sample).
             check_region: verify that ``x_new`` equals the cached image outside ``region`` and
                 raise ``ValueError`` if not (one O(L**2) comparison, no network evaluation;
-                pass False when the caller guarantees it).
+                pass False when the caller guarantees it). The check that the new values
+                inside ``region`` are finite follows ``model.check_inputs``, as in
+                ``model.encode``; with both off, an update whose plan is cached issues no
+                host synchronisation.
         Returns:
             the new latents, a fresh tensor (the cache is not exposed).
         Raises:

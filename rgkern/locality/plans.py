@@ -59,6 +59,8 @@ class ConePlan:
             reaches (the start mask plus the pixels of every evaluated patch): the compact
             state holds the values at these positions.
         start_slots: LongTensor ``(n0,)``, slots of the start mask's positions (row-major).
+        start_elements: LongTensor ``(C * n0,)``, flat indices into a ``(C, L, L)`` image of
+            the start mask's values, channel by channel (where an update writes the new input).
         stages: one :class:`_Stage` per sublayer, in running order.
         patch_evals: patches evaluated per image (sum over stages).
         covers_everything: True if every patch of every sublayer is evaluated.
@@ -67,6 +69,7 @@ class ConePlan:
 
     positions: torch.Tensor
     start_slots: torch.Tensor
+    start_elements: torch.Tensor
     stages: tuple
     patch_evals: int
     covers_everything: bool
@@ -141,6 +144,7 @@ def build_cone_plan(geometry, start: torch.Tensor, stages, inverse: bool, device
         return ConePlan(
             positions=positions.to(device),
             start_slots=slot_of[start_flat.nonzero().flatten()].to(device),
+            start_elements=(channel_offsets + start_flat.nonzero().flatten()[None, :]).flatten().to(device),
             stages=tuple(built),
             patch_evals=sum(len(idx) for _, idx in stages),
             covers_everything=covers_everything and len(stages) == len(geometry.sublayers),

@@ -24,7 +24,9 @@ from .files import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError"]
 
-FORMAT_VERSION = 1
+#: 2: the stacked s/t parameter layout (``sublayers.S.networks.*``); 1: one ``nn.Linear`` per
+#: layer (``sublayers.S.blocks.B.halves.H.*``), converted on load.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(InputError):
@@ -99,7 +101,7 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a
     ``ValueError``) for a corrupt file or one whose config differs from ``model``'s.
     """
-    from ..core.model import RGFlow
+    from ..core.model import RGFlow, convert_legacy_state_dict, is_legacy_state_dict
 
     path = Path(path)
     document, tensors = _read(path)
@@ -118,6 +120,18 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
         )
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    legacy = is_legacy_state_dict(state)
+    if legacy:
+        if optimizer is not None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written with the first parameter layout (format 1); its weights "
+                "load (load_model, evaluate, sample), but its optimiser state does not map onto the stacked "
+                "layout: start a new run from its weights instead of resuming"
+            )
+        try:
+            state = convert_legacy_state_dict(state, model)
+        except KeyError as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} (format 1) lacks model tensor {error}") from None
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks model tensors {sorted(missing)[:5]}")
