@@ -59,6 +59,10 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (log-dets, prior and loss stay float32)")
     add_speed_options(parser, "model's log-likelihood (forward and backward)")
     parser.add_argument(
+        "--activation-checkpointing", action="store_true",
+        help="recompute each RNVP block in the backward pass instead of saving its activations (less memory, more work)",
+    )
+    parser.add_argument(
         "--time-limit", type=positive_float, default=None, metavar="MINUTES",
         help="stop training after this many minutes (evaluate and checkpoint there; --resume goes on)",
     )
@@ -95,6 +99,7 @@ def run_train(args) -> int:
         bf16=args.bf16 or None,
         compile=args.compile or None,
         cuda_graphs=args.cuda_graphs or None,
+        activation_checkpointing=args.activation_checkpointing or None,
         device=device,
         seed=args.seed,
         train_size=args.train_size,

@@ -121,6 +121,7 @@ class TrainConfig:
     bf16: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    activation_checkpointing: bool = False
     device: str | None = None
     sample_temperature: float | list = 1.0
 
@@ -142,7 +143,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise InputError(f"lr and grad_clip must be > 0, got lr={self.lr!r}, grad_clip={self.grad_clip!r}")
-        for name in ("bf16", "compile", "cuda_graphs"):
+        for name in ("bf16", "compile", "cuda_graphs", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

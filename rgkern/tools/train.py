@@ -75,6 +75,7 @@ from .files import atomic_write
 from .presets import PRESETS, TrainConfig
 
 __all__ = [
+    "make_optimizer",
     "Trainer",
     "TrainResult",
     "train",
@@ -214,6 +215,19 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: b
     return float(total) / len(images)
 
 
+def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where the installed torch has one for these parameters, else foreach.
+
+    The fused and foreach versions compute the same update to float rounding; the fused one
+    is a few kernels per step instead of several per parameter group and step.
+    """
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # no fused AdamW for this device or dtype in this torch
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
     """Trains ``model`` on uint8 images, writing checkpoints and history to ``out``.
@@ -269,9 +283,10 @@ class Trainer:
         # Inputs come from uint8 images through preprocess: finite by construction. Skipping
         # the model's check removes its host synchronisation from every step.
         self.model.check_inputs = False
+        self.model.activation_checkpointing = config.activation_checkpointing
         self.train_images = train_images.to(self.device)
         self.test_images = test_images
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.model.parameters(), config.lr, config.weight_decay)
         self.noise_generator = torch.Generator(self.device).manual_seed(_derived_seed(config.seed, _NOISE_STREAM))
         log_prob = self.model.log_prob
         if config.compile or config.cuda_graphs:
@@ -387,7 +402,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.train_images[index.to(self.device)])
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip, foreach=True)
         figures = torch.stack([loss.detach().float(), grad_norm.float().to(loss.device), loss.new_tensor(float(request_stop))])
         loss_value, norm_value, stop = dist_utils.all_reduce_mean(figures, self.distributed).tolist()
         self.stop_agreed = stop > 0
