@@ -100,11 +100,14 @@ def model_flops_per_image(config) -> int:
 
 
 def _counted_linear_flops(model) -> int:
-    """The same figure counted from the model's Linear modules (a check of the formula)."""
+    """The same figure counted from the model's weights (a check of the formula).
+
+    Each weight of a stacked linear (``networks.directions``) is one multiply-add per patch row.
+    """
     total = 0
     for sublayer in model.sublayers:
         rows = model.geometry.sublayers[sublayer.index].num_patches
-        total += sum(2 * m.in_features * m.out_features * rows for m in sublayer.modules() if isinstance(m, torch.nn.Linear))
+        total += sum(2 * v.numel() * rows for v in sublayer.networks.directions)
     return total
 
 

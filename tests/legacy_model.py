@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 import rgkern
-from rgkern.core import ops
+from rgkern.core import model, ops
 from rgkern.core.geometry import Geometry
 
 __all__ = ["RGFlow", "Swish", "ResidualMLP", "AffineCoupling", "RNVPBlock", "Sublayer"]
@@ -112,11 +112,8 @@ class Sublayer(nn.Module):
             logdet = logdet + ld
         return rows, logdet
 
-    def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
-        row_index = self.geometry.row_index(self.index, x.device)
-        rows = ops.gather_patches(x, row_index, backend)
-        rows, logdet = self.transform_rows(rows, inverse, backend)
-        return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
+    # forward (gather, transform_rows, scatter) is the current Sublayer's: one shared frame.
+    forward = model.Sublayer.forward
 
 
 class RGFlow(rgkern.RGFlow):

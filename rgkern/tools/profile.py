@@ -80,16 +80,16 @@ class Work:
         gemms: the matrix products among them; triton: the Triton launches among them.
         syncs: host synchronisations; flops: matrix-product FLOPs; bytes: tensor bytes read
             and written by the counted ops (unfused upper estimate).
-        by_op: kernels per op name.
+        by_op: kernels per op name; bytes_by_op: bytes per op name.
     """
 
     kernels: int = 0
     gemms: int = 0
     triton: int = 0
     syncs: int = 0
+    by_op: Counter = field(default_factory=Counter)
     flops: int = 0
     bytes: int = 0
-    by_op: Counter = field(default_factory=Counter)
     bytes_by_op: Counter = field(default_factory=Counter)
     per_kernel: list = field(default_factory=list, repr=False)
 
