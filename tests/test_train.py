@@ -228,13 +228,28 @@ def test_read_only_output_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- bf16
 def test_bf16_steps_are_finite_and_close_to_float32(tmp_path, images):
+    """Three steps with and without bf16 autocast from the same non-identity weights.
+
+    At initialisation every coupling is the identity (the output scales start at zero), so
+    the first loss would not depend on the precision of the networks at all; the scales are
+    randomised first, the same way in both runs.
+    """
     losses = {}
     for bf16 in (False, True):
         run = trainer(tiny(bf16=bf16, steps=3), images, tmp_path / f"bf16_{bf16}")
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, param in run.model.named_parameters():
+                if name.endswith(("s_scale", "t_scale")):
+                    param.copy_(0.5 * torch.randn(param.shape, generator=generator))
         losses[bf16] = [run.train_step() for _ in range(3)]
     assert all(math.isfinite(v) for v in losses[True])
     for a, b in zip(losses[False], losses[True]):
         assert b == pytest.approx(a, rel=0.01)
+    # bf16 really ran from non-identity couplings: the networks' rounding shows already in
+    # the first loss (with identity couplings the two first losses are equal).
+    first, first_bf16 = losses[False][0], losses[True][0]
+    assert abs(first - first_bf16) > 1e-6 * abs(first)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -392,7 +392,7 @@ class RGFlow(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``(B,)`` log-density of ``x`` in model space, in nats: ``log p(z) + logdet``."""
         z, logdet = self.encode(x)
-        return self.prior.log_prob(z).flatten(1).sum(dim=1).to(logdet.dtype) + logdet
+        return self.prior.log_prob_sum(z).to(logdet.dtype) + logdet
 
     def temperature_map(self, temperature, device=None, dtype=torch.float32) -> torch.Tensor:
         """Per-latent temperature ``(C, L, L)`` from a float or one temperature per level (len H)."""

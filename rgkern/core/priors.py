@@ -12,6 +12,7 @@ import math
 import torch
 
 from .errors import InputError
+from .precision import accumulator_dtype
 
 __all__ = ["Prior", "LaplacePrior", "GaussianPrior", "make_prior", "PRIORS"]
 
@@ -25,6 +26,15 @@ class Prior:
 
     def sample(self, shape, temperature, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         raise NotImplementedError
+
+    def log_prob_sum(self, z: torch.Tensor, temperature=1.0) -> torch.Tensor:
+        """``(B,)`` joint log-density of each sample of ``z (B, ...)``.
+
+        Computed and summed in the accumulator dtype (float32 for float16 / bfloat16 ``z``,
+        float64 for float64): a bfloat16 sum over thousands of values would be off by
+        about 1e-3 relative.
+        """
+        return self.log_prob(z.to(accumulator_dtype(z.dtype)), temperature).flatten(1).sum(dim=1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -40,10 +50,19 @@ class LaplacePrior(Prior):
         return -torch.log(2 * b) - z.abs() / b
 
     def sample(self, shape, temperature, generator=None, device=None, dtype=torch.float32):
-        b = torch.as_tensor(temperature, dtype=dtype, device=device) / math.sqrt(2.0)
-        # Inverse CDF on u in (-1/2, 1/2); 1 - 2|u| stays in (0, 1] so the log is finite.
-        u = torch.rand(shape, generator=generator, device=device, dtype=dtype) - 0.5
-        return -b * torch.sign(u) * torch.log1p(-2 * u.abs())
+        # Inverse CDF of one uniform draw per value, computed in the accumulator dtype
+        # (float32 for half-precision models, whose own uniform grid is 2**-8 or 2**-11) and
+        # cast at the end. torch.rand returns multiples of 2**-digits in [0, 1); shifting
+        # u - 1/2 by half a grid step gives a grid symmetric about 0 that stays strictly
+        # inside (-1/2, 1/2), exactly representable, so 1 - 2|u| >= 2**-digits and the log
+        # is finite at both ends of the draw (|z| <= digits * ln 2 * b). The clamp only
+        # matters for a generator that is not on that grid.
+        work = accumulator_dtype(dtype)
+        grid = torch.finfo(work).eps / 2  # 2**-24 for float32, 2**-53 for float64
+        b = torch.as_tensor(temperature, dtype=work, device=device) / math.sqrt(2.0)
+        u = torch.rand(shape, generator=generator, device=device, dtype=work) - 0.5 + grid / 2
+        tail = torch.clamp(1 - 2 * u.abs(), min=grid)
+        return (-b * torch.sign(u) * torch.log(tail)).to(dtype)
 
 
 class GaussianPrior(Prior):

@@ -358,14 +358,14 @@ class IncrementalEncoder(_CachedPass):
                 old = [self._patch_logdets[st.sublayer][:, st.patches] for st in plan.stages]
                 clean_logdet = self._logdet - _sum_logdets(old, batch, self._logdet.dtype, self._logdet.device)
                 z = self._images[-1]
-                prior_all = self.model.prior.log_prob(z).flatten(1).sum(dim=1)
-                prior_cone = self.model.prior.log_prob(z.flatten(2)[:, :, plan.positions]).flatten(1).sum(dim=1)
+                prior_all = self.model.prior.log_prob_sum(z)
+                prior_cone = self.model.prior.log_prob_sum(z.flatten(2)[:, :, plan.positions])
                 clean_prior = (prior_all - prior_cone).to(self._logdet.dtype)
             derived = self._derived[plan] = (clean_logdet, clean_prior)
         clean_logdet, clean_prior = derived
         new_logdet = _sum_logdets(logdets, values.shape[0], self._logdet.dtype, values.device)
         logdet = clean_logdet.repeat_interleave(repeats) + new_logdet
-        prior_cone = self.model.prior.log_prob(state).flatten(1).sum(dim=1).to(logdet.dtype)
+        prior_cone = self.model.prior.log_prob_sum(state).to(logdet.dtype)
         log_prob = clean_prior.repeat_interleave(repeats) + prior_cone + logdet
         return ConeEvaluation(z=state, positions=plan.positions, logdet=logdet, log_prob=log_prob,
                               patch_evals=plan.patch_evals)

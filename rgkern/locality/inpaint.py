@@ -132,6 +132,14 @@ class InpaintProblem:
         return self.model.log_prob(filled)
 
 
+
+def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN and +-inf replaced by -inf, so that argmax/topk never pick them.
+
+    (``topk`` orders NaN above every number, ``argmax`` returns a NaN's index.)
+    """
+    return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
+
 def _check_positive_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -242,7 +250,7 @@ def inpaint(
             free = problem.free_from_latents(draws)
             del draws
             if init_draws > restarts:
-                scores = problem.log_prob(free).view(nb, init_draws)
+                scores = _finite_or_worst(problem.log_prob(free).view(nb, init_draws))
                 keep = scores.topk(restarts, dim=1).indices + torch.arange(nb, device=x.device)[:, None] * init_draws
                 free = free[keep.flatten()]
         free = free.clone().requires_grad_(True)
@@ -259,8 +267,13 @@ def inpaint(
             optimiser.step()
             history[step, index] = loss.detach().view(nb, restarts).to(logdet_dtype)
         with torch.no_grad():
-            final = problem.log_prob(free).view(nb, restarts)
+            final = _finite_or_worst(problem.log_prob(free).view(nb, restarts))
             best = final.argmax(dim=1)
+            if not bool(torch.isfinite(final.gather(1, best[:, None])).all()):
+                raise FloatingPointError(
+                    f"every one of the {restarts} inpainting restarts of some image ended non-finite "
+                    f"(lr={lr}, steps={steps}); try a smaller lr or fewer steps"
+                )
             chosen = free.view(nb, restarts, *free.shape[1:])[torch.arange(nb, device=x.device), best]
             fill = problem.fill(chosen)  # (nb, C, n_unknown)
         group_images = images[index]
