@@ -19,6 +19,8 @@ from .core.preprocess import bits_per_dim, postprocess, preprocess
 from .core.priors import GaussianPrior, LaplacePrior
 from .locality.incremental import IncrementalDecoder, IncrementalEncoder
 from .locality.inpaint import InpaintResult, inpaint
+from .tools.authors import authors_state_dict, load_authors_checkpoint
+from .tools.checkpoint import load_model
 from .tools.explain import (
     mixed_temperature_grid,
     progressive_generation,
@@ -49,4 +51,7 @@ __all__ = [
     "mixed_temperature_grid",
     "scale_mix",
     "progressive_generation",
+    "load_model",
+    "load_authors_checkpoint",
+    "authors_state_dict",
 ]

@@ -12,13 +12,16 @@ from rgkern.core.geometry import get_geometry
 from utils import tiny_model
 
 
-def random_model(L, k, C, n_layers=2, seed=0):
+VARIANTS = ["paper", "authors"]
+
+
+def random_model(L, k, C, n_layers=2, seed=0, variant="paper"):
     """Tiny float64 model, couplings not the identity; n_layers=2 makes every patch dense.
 
     (With one RNVP block an updated entry depends on the conditioning half and on itself
     only, so the true dependency could be narrower than the patch.)
     """
-    return tiny_model(L, C, k, seed=seed, n_layers=n_layers)
+    return tiny_model(L, C, k, seed=seed, n_layers=n_layers, variant=variant)
 
 
 def mask_of(L, pixels):
@@ -50,9 +53,10 @@ def sample_points(L):
     return [(0, 0), (L // 2 - 1, L // 2 + 1), (L - 1, 3), (5, L - 2), (L - 1, L - 1)]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("L,k,C", [(8, 2, 1), (8, 4, 2), (16, 4, 1)])
-def test_cones_match_brute_force(L, k, C):
-    model = random_model(L, k, C)
+def test_cones_match_brute_force(L, k, C, variant):
+    model = random_model(L, k, C, variant=variant)
     geometry = model.geometry
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, C, L, L, generator=g, dtype=torch.float64)
@@ -63,10 +67,11 @@ def test_cones_match_brute_force(L, k, C):
         assert torch.equal(geometry.generation_cone(mask), brute_force_generation_cone(model, z, [point])), point
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("L,k", [(8, 2), (16, 4)])
-def test_wrapping_region_cones_match_brute_force(L, k):
+def test_wrapping_region_cones_match_brute_force(L, k, variant):
     """Regions across the periodic boundary: a 2x2 block over the corner and a strip over the edge."""
-    model = random_model(L, k, 1)
+    model = random_model(L, k, 1, variant=variant)
     geometry = model.geometry
     x = torch.randn(1, 1, L, L, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     z = model.encode(x)[0].detach()
@@ -94,10 +99,11 @@ def test_wrapping_region_is_union_of_its_pixels_and_reaches_both_sides(L, k):
     assert corner[1, 1] and corner[L - 2, L - 2]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("L,k", [(8, 2), (16, 4), (16, 2)])
-def test_cones_are_transposes_of_each_other(L, k):
+def test_cones_are_transposes_of_each_other(L, k, variant):
     """Pixel u is in the generation cone of latent l iff l is in the inference cone of u."""
-    geometry = get_geometry(L, k, 1)
+    geometry = get_geometry(L, k, 1, variant)
     n = L * L
     inference = torch.stack([geometry.inference_cone(torch.eye(n, dtype=torch.bool)[p].view(L, L)).flatten() for p in range(n)])
     generation = torch.stack([geometry.generation_cone(torch.eye(n, dtype=torch.bool)[p].view(L, L)).flatten() for p in range(n)])
@@ -111,10 +117,16 @@ def central_region(L, size=10):
     return region
 
 
-def test_central_10x10_region_at_32_reaches_1344_latents():
-    geometry = get_geometry(32, 4, 3)
+@pytest.mark.parametrize("variant, latents", [("paper", 1344), ("authors", 1668)])
+def test_central_10x10_region_at_32_reaches_its_latents(variant, latents):
+    """1,344 latents with the paper's sublayer order, 1,668 with the authors' (offset 0 first)."""
+    model = random_model(32, 4, 3, variant=variant)
+    geometry = model.geometry
     cone = geometry.inference_cone(central_region(32))
-    assert int(cone.sum()) * geometry.channels == 1344
+    assert int(cone.sum()) * geometry.channels == latents
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pixels = central_region(32).nonzero().tolist()
+    assert torch.equal(cone, brute_force_inference_cone(model, x, pixels))
     assert 3 * 32 * 32 == 3072
     # Per level: a constant-size share of every level but the top, all of the top level.
     levels = geometry.levels[cone]

@@ -15,8 +15,8 @@ def images(model, batch=2, seed=1):
     return random_images(model, batch, seed)
 
 
-def random_model(L, k, C, n_layers=1, dtype=torch.float64, seed=0, backend="torch"):
-    return tiny_model(L, C, k, dtype=dtype, seed=seed, n_layers=n_layers, backend=backend)
+def random_model(L, k, C, n_layers=1, dtype=torch.float64, seed=0, backend="torch", variant="paper"):
+    return tiny_model(L, C, k, dtype=dtype, seed=seed, n_layers=n_layers, backend=backend, variant=variant)
 
 
 def regions(L, seed=0):
@@ -76,9 +76,10 @@ def change(x, region, seed=5):
 CONFIGS = [(8, 2, 1, 2), (8, 4, 3, 1), (16, 4, 2, 2), (16, 2, 1, 1), (32, 4, 3, 1)]
 
 
+@pytest.mark.parametrize("variant", ["paper", "authors"])
 @pytest.mark.parametrize("L,k,C,n_layers", CONFIGS)
-def test_encoder_update_equals_full_encode(L, k, C, n_layers):
-    model = random_model(L, k, C, n_layers)
+def test_encoder_update_equals_full_encode(L, k, C, n_layers, variant):
+    model = random_model(L, k, C, n_layers, variant=variant)
     geometry = model.geometry
     x = images(model)
     inc = IncrementalEncoder(model, x)
@@ -103,9 +104,10 @@ def test_encoder_update_equals_full_encode(L, k, C, n_layers):
     torch.testing.assert_close(inc.update(x_new, region), IncrementalEncoder(model, x_new).z, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["paper", "authors"])
 @pytest.mark.parametrize("L,k,C,n_layers", CONFIGS)
-def test_decoder_update_equals_full_decode(L, k, C, n_layers):
-    model = random_model(L, k, C, n_layers)
+def test_decoder_update_equals_full_decode(L, k, C, n_layers, variant):
+    model = random_model(L, k, C, n_layers, variant=variant)
     geometry = model.geometry
     z = images(model, seed=2)
     dec = IncrementalDecoder(model, z)

@@ -283,19 +283,21 @@ def test_backward_is_once_differentiable(device):
 
 # --------------------------------------------------------------------------- whole model
 MODEL_CASES = [
-    # (L, C, k, dtype, n_mlp)
-    (8, 1, 2, torch.float64, 1),
-    (16, 3, 4, torch.float64, 0),
-    (16, 3, 4, torch.float32, 1),
-    (32, 1, 4, torch.float32, 0),
-    (16, 1, 2, torch.float32, 0),
+    # (L, C, k, dtype, n_mlp, variant)
+    (8, 1, 2, torch.float64, 1, "paper"),
+    (16, 3, 4, torch.float64, 0, "paper"),
+    (16, 3, 4, torch.float32, 1, "paper"),
+    (32, 1, 4, torch.float32, 0, "paper"),
+    (16, 1, 2, torch.float32, 0, "paper"),
+    (16, 3, 4, torch.float64, 1, "authors"),
+    (16, 1, 2, torch.float32, 0, "authors"),
 ]
 
 
-def model_pair(L, C, k, dtype, n_mlp, device, seed=0):
+def model_pair(L, C, k, dtype, n_mlp, device, seed=0, variant="paper"):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    config = dict(image_size=L, channels=C, kernel_size=k, n_layers=1, hidden=8, n_res=1, n_mlp=n_mlp)
+    config = dict(image_size=L, channels=C, kernel_size=k, n_layers=1, hidden=8, n_res=1, n_mlp=n_mlp, variant=variant)
     reference_model = rgkern.RGFlow(**config, backend="torch")
     random_scales(reference_model, g)
     kernel_model = rgkern.RGFlow(**config, backend="triton")
@@ -303,9 +305,9 @@ def model_pair(L, C, k, dtype, n_mlp, device, seed=0):
     return reference_model.to(device, dtype), kernel_model.to(device, dtype), g
 
 
-@pytest.mark.parametrize("L,C,k,dtype,n_mlp", MODEL_CASES, ids=lambda v: str(v).replace("torch.", ""))
-def test_model_triton_matches_torch(L, C, k, dtype, n_mlp, device):
-    reference_model, kernel_model, g = model_pair(L, C, k, dtype, n_mlp, device)
+@pytest.mark.parametrize("L,C,k,dtype,n_mlp,variant", MODEL_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_model_triton_matches_torch(L, C, k, dtype, n_mlp, variant, device):
+    reference_model, kernel_model, g = model_pair(L, C, k, dtype, n_mlp, device, variant=variant)
     tol = TOLERANCE[dtype]
     x = torch.randn(2, C, L, L, generator=g, dtype=torch.float64).to(dtype).to(device)
 

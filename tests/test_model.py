@@ -9,9 +9,10 @@ from rgkern.tools.checkpoint import CheckpointError, load_checkpoint, save_check
 from utils import random_images, tiny_model
 
 
+@pytest.mark.parametrize("variant", ["paper", "authors"])
 @pytest.mark.parametrize("L,k,C", [(8, 4, 1), (8, 2, 3), (16, 4, 3), (16, 2, 1), (32, 4, 3)])
-def test_float64_round_trip(L, k, C):
-    model = tiny_model(L, C, k, n_layers=2)
+def test_float64_round_trip(L, k, C, variant):
+    model = tiny_model(L, C, k, n_layers=2, variant=variant)
     x = random_images(model)
     z, logdet = model.encode(x)
     assert z.shape == x.shape and logdet.shape == (3,)
@@ -20,9 +21,10 @@ def test_float64_round_trip(L, k, C):
     assert (x_back - x).abs().max() / x.abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("variant", ["paper", "authors"])
 @pytest.mark.parametrize("L,k,C", [(8, 4, 1), (8, 2, 1), (4, 2, 2)])
-def test_logdet_equals_jacobian_logdet(L, k, C):
-    model = tiny_model(L, C, k, n_layers=2)
+def test_logdet_equals_jacobian_logdet(L, k, C, variant):
+    model = tiny_model(L, C, k, n_layers=2, variant=variant)
     x = random_images(model, batch=2)
     _, logdet = model.encode(x)
     for b in range(2):
@@ -115,8 +117,9 @@ def test_uniform_model_density_gives_eight_bits_per_dim():
     torch.testing.assert_close(rgkern.bits_per_dim(log_prob_model, logdet, 48), torch.full((5,), 8.0, dtype=torch.float64))
 
 
-def test_gradients_reach_every_parameter():
-    model = tiny_model(8, 1, 4, n_layers=1)
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_gradients_reach_every_parameter(variant):
+    model = tiny_model(8, 1, 4, n_layers=1, variant=variant)
     model.log_prob(random_images(model)).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing

@@ -29,7 +29,7 @@ from . import train as train_commands
 
 __all__ = ["main", "build_parser", "EXTENSION_MODULES"]
 
-EXTENSION_MODULES = ("rgkern.cli.inpaint", "rgkern.cli.explain", "rgkern.cli.profile")
+EXTENSION_MODULES = ("rgkern.cli.inpaint", "rgkern.cli.explain", "rgkern.cli.profile", "rgkern.cli.authors")
 
 
 def build_parser() -> argparse.ArgumentParser:

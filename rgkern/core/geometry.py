@@ -7,8 +7,12 @@ kernels, the incremental encoder and the explainability tools.
 Conventions (DESIGN.md section 1, paper eq. 6-9):
 
 * ``L = k * 2**n``; levels ``h = 0 .. H-1`` with ``H = log2(L / k) + 1``.
-* In the x -> z direction every level applies its disentangler, then its decimator.
-  Sublayer ``s = 2*h`` is the disentangler of level ``h``, ``s = 2*h + 1`` its decimator.
+* In the x -> z direction every level applies two sublayers: the disentangler (offset
+  ``k * 2**h / 2``) and the decimator (offset 0). With ``order="paper"`` (eq. 6-9) the
+  disentangler comes first: sublayer ``s = 2*h`` is the disentangler of level ``h``,
+  ``s = 2*h + 1`` its decimator. With ``order="authors"`` (the authors' published code,
+  DESIGN.md section 8) the decimator comes first. Everything that depends on the order
+  (cones, plans, the incremental encoder) reads it from :attr:`Geometry.sublayers`.
 * A patch ``(p, q)`` of a sublayer with offset ``o``, dilation ``d = 2**h`` and stride
   ``k * d`` holds the pixels at rows ``(p*k*d + a*d + o) mod L`` and columns
   ``(q*k*d + b*d + o) mod L`` for ``a, b = 0 .. k-1``. Patches are numbered ``p*n + q``
@@ -28,10 +32,19 @@ import torch
 
 from .errors import InputError, InputTypeError
 
-__all__ = ["SublayerGeometry", "Geometry", "get_geometry", "check_image_size", "num_levels"]
+__all__ = ["SublayerGeometry", "Geometry", "get_geometry", "check_image_size", "num_levels", "SUBLAYER_ORDERS"]
 
 DISENTANGLER = "disentangler"
 DECIMATOR = "decimator"
+
+#: The two sublayers of a level, in x -> z order, for each ordering convention.
+SUBLAYER_ORDERS = {"paper": (DISENTANGLER, DECIMATOR), "authors": (DECIMATOR, DISENTANGLER)}
+
+
+def check_order(order) -> str:
+    if order not in SUBLAYER_ORDERS:
+        raise InputError(f"unknown sublayer order {order!r}; expected one of {tuple(SUBLAYER_ORDERS)}")
+    return order
 
 
 def check_image_size(image_size: int, kernel_size: int) -> int:
@@ -98,15 +111,17 @@ class Geometry:
 
     Attributes:
         image_size (L), kernel_size (k), channels (C), num_levels (H), patch_dim (D = C*k*k)
+        order: ``"paper"`` or ``"authors"``, which sublayer of a level comes first.
         sublayers: list of :class:`SublayerGeometry` in x -> z order (length 2H).
         levels: LongTensor ``(L, L)``, RG level of the latent at each pixel position.
         latent_counts: list of H ints, latents (values, channels included) per level.
         mask: float64 tensor ``(D,)``, the checkerboard mask (1 on the conditioning half).
     """
 
-    def __init__(self, image_size: int, kernel_size: int, channels: int):
+    def __init__(self, image_size: int, kernel_size: int, channels: int, order: str = "paper"):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
             raise InputError(f"channels must be a positive int, got {channels!r}")
+        self.order = check_order(order)
         self.num_levels = check_image_size(image_size, kernel_size)
         self.image_size = L = image_size
         self.kernel_size = k = kernel_size
@@ -120,7 +135,8 @@ class Geometry:
             stride = k * dilation
             n = L // stride
             p = torch.arange(n)
-            for kind, offset in ((DISENTANGLER, stride // 2), (DECIMATOR, 0)):
+            for kind in SUBLAYER_ORDERS[order]:
+                offset = stride // 2 if kind == DISENTANGLER else 0
                 # rows[p, a] and cols[q, b] of every patch pixel, with periodic wrap.
                 lines = (p[:, None] * stride + a[None, :] * dilation + offset) % L  # (n, k)
                 rows = lines[:, None, :, None].expand(n, n, k, k)
@@ -145,7 +161,7 @@ class Geometry:
     def __repr__(self) -> str:
         return (
             f"Geometry(image_size={self.image_size}, kernel_size={self.kernel_size}, "
-            f"channels={self.channels}, num_levels={self.num_levels})"
+            f"channels={self.channels}, num_levels={self.num_levels}, order={self.order!r})"
         )
 
     # ----------------------------------------------------------------- device tables
@@ -261,7 +277,15 @@ class Geometry:
         return list(self._cone(self.check_mask(latents, "latents"), "generation")[1])
 
 
+def get_geometry(image_size: int, kernel_size: int = 4, channels: int = 3, order: str = "paper") -> Geometry:
+    """The shared :class:`Geometry` of ``(image_size, kernel_size, channels, order)``."""
+    return _shared_geometry(image_size, kernel_size, channels, order)
+
+
 @functools.lru_cache(maxsize=None)
-def get_geometry(image_size: int, kernel_size: int = 4, channels: int = 3) -> Geometry:
-    """The shared :class:`Geometry` of ``(image_size, kernel_size, channels)``."""
-    return Geometry(image_size, kernel_size, channels)
+def _shared_geometry(image_size, kernel_size, channels, order) -> Geometry:
+    # Called with positional arguments only, so that one geometry has one cache entry.
+    return Geometry(image_size, kernel_size, channels, order)
+
+
+get_geometry.cache_clear = _shared_geometry.cache_clear

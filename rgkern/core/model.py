@@ -38,6 +38,9 @@ from .priors import make_prior
 
 __all__ = [
     "RGFlow",
+    "VARIANTS",
+    "INITS",
+    "DEFAULT_INIT",
     "CouplingNetworks",
     "PreparedNetworks",
     "Sublayer",
@@ -48,6 +51,21 @@ __all__ = [
 
 SQRT_HALF = 1 / math.sqrt(2)
 NETWORKS = 2  # s and t
+
+#: Model variants (DESIGN.md section 8). "paper": eq. 6-9 of the paper, the disentangler of a
+#: level before its decimator, and each coupling half-step with its own (s, t) networks.
+#: "authors": the authors' published code, the decimator (offset 0) first, and one (s, t)
+#: pair per RNVP block shared by its two half-steps.
+VARIANTS = ("paper", "authors")
+
+#: Initialisations of the linears. "torch": PyTorch's nn.Linear default, weights and biases
+#: uniform in +-1/sqrt(fan_in). "authors": the authors' code, weights uniform in
+#: +-sqrt(2.81 * 3 / fan_in) (2.81: their gain for Swish) and zero biases. In both the
+#: weight-norm magnitude starts at ||v||, Swish slopes at 1 and the output scales at 0.
+INITS = ("torch", "authors")
+
+#: Each variant's initialisation when none is given (chosen by the study in the README).
+DEFAULT_INIT = {"paper": "torch", "authors": "authors"}
 
 
 def _autocast_dtype(device: torch.device):
@@ -64,13 +82,14 @@ class CouplingNetworks(nn.Module):
     ``n_res`` residual blocks ``x <- (x + f(x)) / sqrt(2)``; ``f`` is [Swish
     ``x * sigmoid(slope * x)`` with a learned per-feature slope, then a weight-normalised
     Linear] repeated ``n_mlp + 1`` times with widths ``dim, hidden, ..., hidden, dim``.
-    Initialisation as PyTorch's ``nn.Linear`` (uniform in ``+-1/sqrt(fan_in)``, weights and
-    biases) with ``g = ||v||``, slopes 1 and output scales 0: every half-step starts as the
-    identity.
+    ``init`` is one of :data:`INITS`; with either, ``g = ||v||``, slopes start at 1 and the
+    output scales at 0, so every half-step starts as the identity.
     """
 
-    def __init__(self, pairs: int, dim: int, hidden: int, n_res: int, n_mlp: int):
+    def __init__(self, pairs: int, dim: int, hidden: int, n_res: int, n_mlp: int, init: str = "torch"):
         super().__init__()
+        if init not in INITS:
+            raise InputError(f"unknown init {init!r}; expected one of {INITS}")
         self.pairs, self.dim, self.n_res, self.n_mlp = pairs, dim, n_res, n_mlp
         widths = [dim] + [hidden] * n_mlp + [dim]
         self.slopes = nn.ParameterList()
@@ -79,12 +98,14 @@ class CouplingNetworks(nn.Module):
         self.biases = nn.ParameterList()
         lead = (pairs, n_res, NETWORKS)
         for w_in, w_out in zip(widths[:-1], widths[1:]):
-            bound = 1 / math.sqrt(w_in)
+            bound = 1 / math.sqrt(w_in) if init == "torch" else math.sqrt(2.81 * 3 / w_in)
             direction = torch.empty(*lead, w_out, w_in).uniform_(-bound, bound)
+            bias = torch.empty(*lead, 1, w_out)
+            bias = bias.uniform_(-bound, bound) if init == "torch" else bias.zero_()
             self.slopes.append(nn.Parameter(torch.ones(*lead, 1, w_in)))
             self.directions.append(nn.Parameter(direction))
             self.magnitudes.append(nn.Parameter(direction.norm(dim=-1, keepdim=True)))
-            self.biases.append(nn.Parameter(torch.empty(*lead, 1, w_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(bias))
         self.s_scale = nn.Parameter(torch.zeros(pairs, dim))
         self.t_scale = nn.Parameter(torch.zeros(pairs, dim))
 
@@ -155,33 +176,41 @@ class PreparedNetworks(NamedTuple):
 class Sublayer(nn.Module):
     """A disentangler or decimator: a stack of RNVP blocks applied to every patch of a sublayer.
 
-    An RNVP block is two coupling half-steps with the checkerboard mask and its complement;
-    half-step ``i`` (``i = 0 .. 2*n_layers - 1``, even ``i`` unflipped) uses pair ``i`` of
-    :attr:`networks`. All ``B*P`` patches share the weights. ``forward(x)`` returns the new
+    An RNVP block is two coupling half-steps with the checkerboard mask and its complement:
+    half-step ``step = 2 * block + flipped`` (``flipped`` 0 or 1). With
+    ``networks_per_block = 2`` (variant "paper") it uses pair ``step`` of :attr:`networks`;
+    with 1 (variant "authors") both half-steps of a block use pair ``block``. All ``B*P``
+    patches share the weights. ``forward(x)`` returns the new
     image and the per-sample log-det ``(B,)`` of this sublayer (float64 for float64 input,
     else float32).
     """
 
-    def __init__(self, geometry: Geometry, index: int, n_layers: int, hidden: int, n_res: int, n_mlp: int):
+    def __init__(self, geometry: Geometry, index: int, n_layers: int, hidden: int, n_res: int, n_mlp: int,
+                 networks_per_block: int = 2, init: str = "torch"):
         super().__init__()
+        if networks_per_block not in (1, 2):
+            raise InputError(f"networks_per_block must be 1 or 2, got {networks_per_block!r}")
         self.geometry = geometry
         self.index = index
         self.num_blocks = n_layers
-        self.networks = CouplingNetworks(2 * n_layers, geometry.patch_dim, hidden, n_res, n_mlp)
+        self.networks_per_block = networks_per_block
+        self.networks = CouplingNetworks(networks_per_block * n_layers, geometry.patch_dim, hidden, n_res, n_mlp, init)
         self.activation_checkpointing = False
 
     def extra_repr(self) -> str:
         return f"{self.geometry.sublayers[self.index].name}, blocks={self.num_blocks}"
 
-    def coupling(self, rows: torch.Tensor, pair: int, inverse: bool, backend: str, prepared=None):
-        """Coupling half-step ``pair`` (``2 * block + flipped``) on patch rows ``(N, D)``.
+    def coupling(self, rows: torch.Tensor, step: int, inverse: bool, backend: str, prepared=None):
+        """Coupling half-step ``step`` (``2 * block + flipped``) on patch rows ``(N, D)``.
 
         Returns the new rows and the per-row log-det ``(N,)``. ``prepared``: this pass's
         :meth:`CouplingNetworks.prepared` (computed here when None).
         """
         if prepared is None:
             prepared = self.networks.prepared(rows.device)
-        mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(pair % 2))
+        block, flipped = divmod(step, 2)
+        pair = step if self.networks_per_block == 2 else block
+        mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(flipped))
         s_raw, t_raw = self.networks.run(rows * mask, pair, prepared).unbind(0)
         s_scale, t_scale = prepared.s_scales[pair], prepared.t_scales[pair]
         return ops.affine_coupling(rows, s_raw, t_raw, s_scale, t_scale, mask, inverse, backend)
@@ -245,6 +274,12 @@ class RGFlow(nn.Module):
         hidden, n_res, n_mlp: width, residual blocks and hidden layers of the s/t networks,
             an int or one per level; both sublayers of a level share the level's values.
         prior: ``"laplace"`` (default) or ``"gaussian"``.
+        variant: ``"paper"`` (default: the paper's eq. 6-9, separate (s, t) networks per
+            half-step) or ``"authors"`` (the authors' published code: per level the offset-0
+            sublayer first, one (s, t) pair per RNVP block); see :data:`VARIANTS`.
+        init: initialisation of the linears, ``"torch"`` or ``"authors"`` (:data:`INITS`);
+            None is the variant's default (:data:`DEFAULT_INIT`). Not part of
+            :attr:`config`: a loaded checkpoint overwrites it.
         backend: ``"auto"`` (Triton on CUDA tensors, the reference elsewhere), ``"torch"``
             or ``"triton"``.
         activation_checkpointing: recompute each RNVP block's activations in the backward
@@ -267,9 +302,18 @@ class RGFlow(nn.Module):
         prior: str = "laplace",
         backend: str = "auto",
         activation_checkpointing: bool = False,
+        variant: str = "paper",
+        init: str | None = None,
     ):
         super().__init__()
-        self.geometry = get_geometry(image_size, kernel_size, channels)
+        if variant not in VARIANTS:
+            raise InputError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if init is None:
+            init = DEFAULT_INIT[variant]
+        if init not in INITS:
+            raise InputError(f"unknown init {init!r}; expected one of {INITS} (or None for the variant's default)")
+        self.init = init
+        self.geometry = get_geometry(image_size, kernel_size, channels, variant)
         H = self.geometry.num_levels
         if n_layers is None:
             n_layers = default_n_layers(H)
@@ -287,13 +331,16 @@ class RGFlow(nn.Module):
             n_res=_per_level("n_res", n_res, H),
             n_mlp=_per_level("n_mlp", n_mlp, H),
             prior=prior,
+            variant=variant,
         )
         self.prior = make_prior(prior)
         self.backend = ops.check_backend(backend)
         self.check_inputs = True
         cfg = self.config
+        networks_per_block = 2 if variant == "paper" else 1
         self.sublayers = nn.ModuleList(
-            Sublayer(self.geometry, s.index, cfg["n_layers"][s.level], cfg["hidden"][s.level], cfg["n_res"][s.level], cfg["n_mlp"][s.level])
+            Sublayer(self.geometry, s.index, cfg["n_layers"][s.level], cfg["hidden"][s.level], cfg["n_res"][s.level],
+                     cfg["n_mlp"][s.level], networks_per_block, init)
             for s in self.geometry.sublayers
         )
         self.activation_checkpointing = activation_checkpointing
@@ -336,8 +383,12 @@ class RGFlow(nn.Module):
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
 
+    @property
+    def variant(self) -> str:
+        return self.config["variant"]
+
     def extra_repr(self) -> str:
-        return f"prior={self.prior.name!r}, backend={self.backend!r}"
+        return f"variant={self.variant!r}, prior={self.prior.name!r}, backend={self.backend!r}"
 
     # ----------------------------------------------------------------- checks
     def check_images(self, x, name: str, check_finite: bool):

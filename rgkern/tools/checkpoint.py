@@ -91,6 +91,8 @@ def _read(path: Path):
 
 
 def _normalise(config: dict) -> dict:
+    # Checkpoints written before the "authors" variant existed hold paper-variant models.
+    config = {"variant": "paper", **config}
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
 
 
