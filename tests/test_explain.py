@@ -10,7 +10,7 @@ from rgkern.cli import build_parser, main
 from utils import random_images, tiny_model
 
 
-CONFIGS = [dict(L=8, C=3, k=2), dict(L=16, C=1, k=4)]
+CONFIGS = [dict(L=8, C=3, k=2), dict(L=16, C=1, k=4), dict(L=16, C=1, k=4, variant="authors")]
 
 
 def single_latent(model, i, j):
@@ -25,7 +25,7 @@ def middle_position(model, level):
 
 
 # ----------------------------------------------------------------------------- receptive fields
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c['L']}C{c['C']}k{c['k']}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c['L']}C{c['C']}k{c['k']}-{c.get('variant', 'paper')}")
 def test_receptive_field_is_zero_outside_the_generation_cone_and_nonzero_inside(config):
     model = tiny_model(**config)
     z = model.sample_latents(3, generator=torch.Generator().manual_seed(0))

@@ -18,8 +18,8 @@ def images(model, batch=2, seed=1):
     return random_images(model, batch, seed)
 
 
-def random_model(L=16, k=4, C=2, n_layers=1, dtype=torch.float64, seed=0):
-    return tiny_model(L, C, k, dtype=dtype, seed=seed, n_layers=n_layers)
+def random_model(L=16, k=4, C=2, n_layers=1, dtype=torch.float64, seed=0, variant="paper"):
+    return tiny_model(L, C, k, dtype=dtype, seed=seed, n_layers=n_layers, variant=variant)
 
 
 def known_mask(L, rows, cols):
@@ -34,9 +34,10 @@ def run(model, x, known, incremental, steps=4, restarts=3, seed=0, **kwargs):
                    return_info=True, **kwargs)
 
 
-def test_cone_and_all_latents_optimise_the_same_function():
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_cone_and_all_latents_optimise_the_same_function(variant):
     """Latents outside the cone get zero gradient: with the same draws both paths agree."""
-    model = random_model()
+    model = random_model(variant=variant)
     x = images(model)
     known = known_mask(16, slice(5, 9), slice(13, 18))  # wraps? no: cols 13..15
     known[0, 15] = known[15, 0] = False  # and two pixels across the periodic boundary

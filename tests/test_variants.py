@@ -213,3 +213,16 @@ def test_missing_and_unreadable_authors_files(tmp_path):
         load_authors_checkpoint(tmp_path / "junk.state")
     with pytest.raises(ValueError, match="only variant='authors' models"):
         authors_state_dict(tiny_model(8, 1, 4))
+
+
+def test_region_plans_of_the_two_variants_of_one_size_are_not_shared():
+    """decode_region caches plans per geometry: the variants' geometries differ only in order."""
+    from rgkern.locality.region import decode_region
+
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[5:9, 6:11] = True
+    for variant in ("paper", "authors", "paper"):
+        model = tiny_model(16, 2, 4, n_layers=1, variant=variant)
+        z = random_images(model)
+        expected = model.decode(z)[:, :, region]
+        assert (decode_region(model, z, region) - expected).abs().max() < 1e-12, variant

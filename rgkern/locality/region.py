@@ -30,7 +30,8 @@ def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
     patch evaluations as an incremental encode of the region, and no cached image.
     """
     mask_cpu = geometry.check_mask(region, "region")
-    key = (geometry.image_size, geometry.kernel_size, geometry.channels, mask_cpu.numpy().tobytes(), str(torch.device(device)))
+    # Keyed by the shared geometry itself: two geometries of one size differ in sublayer order.
+    key = (geometry, mask_cpu.numpy().tobytes(), str(torch.device(device)))
     plan = _REGION_PLANS.get(key)
     if plan is None:
         patches = geometry.inference_patches(mask_cpu)
