@@ -4,14 +4,13 @@ float64 training, no gradient clipping, the architecture and optimiser flags of 
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from rgkern import cli
 from rgkern.core.preprocess import bits_per_dim, preprocess
-from rgkern.tools.checkpoint import CheckpointError, load_checkpoint, load_model, read_document, save_checkpoint
-from rgkern.tools.presets import TrainConfig, make_config, resume_config
+from rgkern.tools.checkpoint import load_checkpoint, load_model, read_document, save_checkpoint
+from rgkern.tools.presets import make_config, resume_config
 from rgkern.tools.train import CHECKPOINT_NAME, Trainer, batch_indices, build_model, evaluate_bpd, flip_mask, load_images, train
 
 
