@@ -126,8 +126,8 @@ def test_usage_errors_exit_with_code_2(tmp_path, capsys):
     assert cli.main([]) == 2
     assert cli.main(["train", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
     assert "unknown preset 'huge'" in capsys.readouterr().err
-    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--data", "mnist"]) == 2
-    assert "unknown dataset 'mnist'" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--data", "imagenet"]) == 2
+    assert "unknown dataset 'imagenet'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["sample", "--num", "0", "--checkpoint", "x", "--out", "x.png"])
     assert exit_info.value.code == 2

@@ -442,10 +442,11 @@ def test_load_dataset_names(tmp_path):
 
 def test_load_dataset_errors():
     with pytest.raises(ValueError) as info:
-        load_dataset("mnist")
+        load_dataset("imagenet")
     message = str(info.value)
-    assert "mnist" in message and all(n in message for n in ("msds1", "msds2", "cifar10", "folder"))
-    for name in ("cifar10", "folder"):
+    assert "imagenet" in message and all(
+        n in message for n in ("msds1", "msds2", "cifar10", "celeba", "mnist", "folder"))
+    for name in ("cifar10", "celeba", "mnist", "folder"):
         with pytest.raises(ValueError, match="root"):
             load_dataset(name)
     with pytest.raises(ValueError, match="'dev'"):

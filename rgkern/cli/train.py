@@ -41,16 +41,26 @@ def _add_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a model (writes checkpoint, history, bits/dim plot and samples)",
-        description="Train RG-Flow by maximum likelihood. Settings left out come from the preset. "
+        description="Train RG-Flow by maximum likelihood. Settings left out come from the preset (with --resume, from the run being continued). "
         "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png, OUT/samples.png and OUT/data.png (training images, for comparison).",
     )
-    parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(preset_names())} (default: cpu)")
+    parser.add_argument(
+        "--preset", default=None,
+        help=f"one of {', '.join(preset_names())} (default: cpu; with --resume, the run's own)",
+    )
     parser.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASET_NAMES)} (default: the preset's)")
-    parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
+    parser.add_argument(
+        "--data-root", default=None,
+        help="data folder (cifar10, celeba: img_align_celeba or its parent, mnist: the idx files, folder); a cache folder for msds1/msds2",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
     parser.add_argument("--steps", type=positive_int, default=None, help="total optimiser steps")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (split over the processes under torchrun)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's; 1e-3 in the paper presets)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 5e-5)")
+    parser.add_argument("--clip-norm", type=float, default=None, help="clip gradients at this global norm; 0: no clipping (default 1)")
+    parser.add_argument("--hflip", action="store_true", help="flip each training image left-right with probability 1/2, anew every batch (the paper's CelebA training)")
+    _add_model_options(parser)
     parser.add_argument("--eval-every", type=positive_int, default=None, help="held-out bits/dim every N steps")
     parser.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every N steps")
     mode = parser.add_mutually_exclusive_group()
@@ -75,25 +85,84 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(func=run_train)
 
 
+_PER_LEVEL_OPTIONS = (("n_layers", 0), ("hidden", 1), ("n_res", 1), ("n_mlp", 0))  # name, smallest entry
+
+
+def _add_model_options(parser) -> None:
+    group = parser.add_argument_group(
+        "model (each overrides the preset's; per-level values as in the authors' --nlayers 8,6,4,2: "
+        "an int for every RG level, or one per level, comma-separated)"
+    )
+    helps = {
+        "n_layers": "RNVP blocks per sublayer (the paper: 8,6,4,2)",
+        "hidden": "width of the s/t networks' hidden layers (the paper: 512)",
+        "n_res": "residual blocks per s/t network (the paper: 4)",
+        "n_mlp": "hidden layers per residual block (the paper: 2)",
+    }
+    for name, _ in _PER_LEVEL_OPTIONS:
+        group.add_argument("--" + name.replace("_", "-"), default=None, metavar="N[,N...]", help=helps[name])
+    group.add_argument("--prior", choices=("laplace", "gaussian"), default=None, help="latent prior (the paper: laplace)")
+    group.add_argument("--variant", choices=("paper", "authors"), default=None, help="the paper's sublayer order, or the authors' published code's model")
+    group.add_argument("--init", choices=("torch", "authors"), default=None, help="initialisation of the s/t networks (default: the variant's)")
+    group.add_argument("--dtype", choices=("float32", "float64"), default=None, help="dtype of the model and the data (default float32)")
+
+
+def _per_level(flag: str, text: str, minimum: int):
+    """``"4"`` -> 4, ``"8,6,4,2"`` -> [8, 6, 4, 2]; anything else is an InputError naming the flag and value."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} must be an int or comma-separated ints, one per RG level (e.g. 8,6,4,2), got {text!r}") from None
+    if any(v < minimum for v in values):
+        raise InputError(f"{flag} entries must be >= {minimum}, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _model_overrides(args) -> dict:
+    """The RGFlow keyword arguments given on the command line."""
+    model = {
+        name: _per_level("--" + name.replace("_", "-"), getattr(args, name), minimum)
+        for name, minimum in _PER_LEVEL_OPTIONS
+        if getattr(args, name) is not None
+    }
+    model.update({name: getattr(args, name) for name in ("prior", "variant", "init") if getattr(args, name) is not None})
+    return model
+
+
 def run_train(args) -> int:
     from ..tools.distributed import context_from_environment
     from ..tools.plots import plot_history, save_image_grid
     from ..tools.sampling import parse_temperature, write_samples
-    from ..tools.presets import make_config
-    from ..tools.train import load_images, train
+    from ..tools.checkpoint import read_document
+    from ..tools.presets import make_config, resume_config
+    from ..tools.train import CHECKPOINT_NAME, load_images, train
 
     main_process = context_from_environment().is_main
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     temperature = None if args.sample_temperature is None else parse_temperature(args.sample_temperature)
-    config = make_config(
-        args.preset,
+    out = Path(args.out) if args.out else Path("runs") / (args.preset or "cpu")
+    # With --resume, settings left out come from the run being continued (its checkpoint).
+    saved = None
+    if args.resume and (out / CHECKPOINT_NAME).is_file():
+        saved = read_document(out / CHECKPOINT_NAME).get("info", {}).get("train_config")
+    if saved is not None and args.preset is not None and args.preset != saved.get("preset"):
+        raise InputError(
+            f"--preset {args.preset} differs from the preset of the run in {out} ({saved.get('preset')!r}); "
+            "--resume continues that run with its own settings: drop --preset"
+        )
+    settings = dict(
+        model=_model_overrides(args),
         data=args.data,
         data_root=args.data_root,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.clip_norm,
+        hflip=args.hflip or None,
+        dtype=args.dtype,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         bf16=args.bf16 or None,
@@ -106,14 +175,15 @@ def run_train(args) -> int:
         test_size=args.test_size,
         sample_temperature=temperature,
     )
-    if main_process and args.preset.startswith("paper") and torch.device(device or default_device()).type == "cpu":
-        print(f"warning: preset {args.preset!r} is the paper-size model; on the CPU it is very slow (use --preset cpu)", file=sys.stderr)
-    out = Path(args.out) if args.out else Path("runs") / args.preset
+    config = resume_config(saved, **settings) if saved is not None else make_config(args.preset or "cpu", **settings)
+    preset = config.preset or "cpu"
+    if main_process and preset.startswith("paper") and torch.device(device or default_device()).type == "cpu":
+        print(f"warning: preset {preset!r} is the paper-size model; on the CPU it is very slow (use --preset cpu)", file=sys.stderr)
     time_limit = None if args.time_limit is None else 60 * args.time_limit
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
     if not main_process:
         return 0
-    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {args.preset}")
+    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {preset}")
     write_samples(
         result.model, num=args.num_samples, png=out / "samples.png", temperature=config.sample_temperature,
         seed=config.seed, progress=not args.no_progress,

@@ -1,4 +1,4 @@
-"""Datasets for rgkern: the synthetic MSDS1/MSDS2 sets, CIFAR-10 and image folders.
+"""Datasets for rgkern: the synthetic MSDS1/MSDS2 sets, CIFAR-10, CelebA, MNIST and image folders.
 
 Conventions shared by every dataset in this package
 ---------------------------------------------------
@@ -17,8 +17,9 @@ Conventions shared by every dataset in this package
   :class:`FileNotFoundError` and an ``InputError``.
 
 The datasets: :class:`MSDS` (``msds``: the synthetic MSDS1 / MSDS2 of the paper, generated
-with the authors' parameters), :class:`CIFAR10` (``cifar``) and :class:`ImageFolder`
-(``folder``); :func:`load_dataset` builds one by name. Of the rest of rgkern this package
+with the authors' parameters), :class:`CIFAR10` (``cifar``), :class:`CelebA` (``celeba``: the
+aligned JPEGs with the paper's crop and resize), :class:`MNIST` (``mnist``: the idx files,
+padded to 32x32) and :class:`ImageFolder` (``folder``); :func:`load_dataset` builds one by name. Of the rest of rgkern this package
 imports only :mod:`rgkern.core.errors` (which imports nothing).
 """
 
@@ -32,8 +33,10 @@ from torch.utils.data import Dataset
 
 from ..core.errors import InputError
 from .base import DataNotFoundError, check_split
+from .celeba import CelebA
 from .cifar import CIFAR10, CIFAR10_CLASSES
 from .folder import IMAGE_EXTENSIONS, ImageFolder
+from .mnist import MNIST
 from .msds import MSDS, MSDS_IMAGE_SIZE, MSDS_SPLIT_SIZES, generate_msds
 
 __all__ = [
@@ -44,13 +47,15 @@ __all__ = [
     "MSDS",
     "CIFAR10",
     "CIFAR10_CLASSES",
+    "CelebA",
+    "MNIST",
     "ImageFolder",
     "IMAGE_EXTENSIONS",
     "DATASET_NAMES",
     "load_dataset",
 ]
 
-DATASET_NAMES = ("msds1", "msds2", "cifar10", "folder")
+DATASET_NAMES = ("msds1", "msds2", "cifar10", "celeba", "mnist", "folder")
 
 
 def load_dataset(name: str, root: Optional[Union[str, os.PathLike]] = None,
@@ -62,6 +67,10 @@ def load_dataset(name: str, root: Optional[Union[str, os.PathLike]] = None,
       ``size`` apply).  ``root``, if given, is used as a cache folder for the
       generated arrays.
     * ``"cifar10"``: :class:`CIFAR10` from ``root`` (required).
+    * ``"celeba"``: :class:`CelebA` from ``root`` (required): the ``img_align_celeba``
+      folder or its parent; centre crop 148x148, bicubic resize to ``image_size``
+      (default 32); the split follows ``list_eval_partition.txt`` when present.
+    * ``"mnist"``: :class:`MNIST` from ``root`` (required), padded to 32x32, one channel.
     * ``"folder"``: :class:`ImageFolder` (RGB) on ``root/<split>`` if that
       sub-folder exists, otherwise on ``root`` itself -- but only for
       ``split="train"`` and when ``root`` has no ``test`` sub-folder; other
@@ -69,14 +78,14 @@ def load_dataset(name: str, root: Optional[Union[str, os.PathLike]] = None,
       training and test images.
 
     ``size`` keeps the first ``size`` images (all datasets).  ``image_size``
-    resizes folder images; MSDS and CIFAR-10 are 32x32, so for them it must be
-    None or 32.  ``seed`` only affects MSDS.  ``name`` is case-insensitive.
+    resizes folder and CelebA images; MSDS, CIFAR-10 and MNIST are 32x32, so for
+    them it must be None or 32.  ``seed`` only affects MSDS.  ``name`` is case-insensitive.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in DATASET_NAMES:
         raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     split = check_split(split)
-    if key in ("msds1", "msds2", "cifar10") and image_size not in (None, 32):
+    if key in ("msds1", "msds2", "cifar10", "mnist") and image_size not in (None, 32):
         raise InputError(f"{key} images are 32x32; image_size must be None or 32, "
                          f"got {image_size!r}")
     if key in ("msds1", "msds2"):
@@ -86,6 +95,11 @@ def load_dataset(name: str, root: Optional[Union[str, os.PathLike]] = None,
         raise InputError(f"dataset {key!r} needs root (the folder holding its files), got None")
     if key == "cifar10":
         return CIFAR10(root, split=split, size=size)
+    if key == "celeba":
+        return CelebA(root, split=split, size=size, image_size=32 if image_size is None else image_size,
+                      progress=progress)
+    if key == "mnist":
+        return MNIST(root, split=split, size=size)
     folder = Path(root)
     if (folder / split).is_dir():
         folder = folder / split

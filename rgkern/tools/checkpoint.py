@@ -22,7 +22,7 @@ import torch
 from ..core.errors import InputError, InputFileNotFoundError
 from .files import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_document", "CheckpointError"]
 
 #: 2: the stacked s/t parameter layout (``sublayers.S.networks.*``); 1: one ``nn.Linear`` per
 #: layer (``sublayers.S.blocks.B.halves.H.*``), converted on load.
@@ -72,7 +72,7 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, info: dict | Non
     return path
 
 
-def _read(path: Path):
+def _read(path: Path, with_tensors: bool = True):
     from safetensors import safe_open
 
     if not path.exists():
@@ -80,7 +80,7 @@ def _read(path: Path):
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
         document = json.loads(metadata["rgkern"])
         document["config"]
     except Exception as error:  # safetensors raises several types for a damaged file
@@ -90,6 +90,11 @@ def _read(path: Path):
     return document, tensors
 
 
+def read_document(path) -> dict:
+    """The JSON document of the checkpoint at ``path`` (``config``, ``step``, ``info``, ...), without reading its tensors."""
+    return _read(Path(path), with_tensors=False)[0]
+
+
 def _normalise(config: dict) -> dict:
     # Checkpoints written before the "authors" variant existed hold paper-variant models.
     config = {"variant": "paper", **config}
@@ -97,7 +102,7 @@ def _normalise(config: dict) -> dict:
 
 
 def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dict:
-    """Load ``path`` into ``model`` (built from the stored config when ``None``) and ``optimizer``.
+    """Load ``path`` into ``model`` (built from the stored config, in the stored dtype, when ``None``) and ``optimizer``.
 
     Returns a dict with ``model``, ``config``, ``step``, ``info`` and ``extra_tensors``.
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a
@@ -108,7 +113,8 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
     path = Path(path)
     document, tensors = _read(path)
     config = document["config"]
-    if model is None:
+    built = model is None
+    if built:
         model = RGFlow(**config).to(map_location)
     elif _normalise(model.config) != _normalise(config):
         diff = {
@@ -122,6 +128,10 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
         )
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if built:  # in the dtype it was saved in (a float64 run's model comes back float64)
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(dtypes) == 1:
+            model = model.to(dtypes.pop())
     legacy = is_legacy_state_dict(state)
     if legacy:
         if optimizer is not None:

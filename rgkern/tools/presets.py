@@ -2,7 +2,8 @@
 
 :data:`PRESETS` holds the named settings (``paper``, ``paper-msds``, ``cpu`` and the
 test-only ``tiny``); :func:`make_config` turns a preset name plus overrides into a
-:class:`TrainConfig`, which checks every value when it is made. The trainer
+:class:`TrainConfig`, which checks every value when it is made; :func:`resume_config` rebuilds
+the config of a saved run. The trainer
 (:mod:`rgkern.tools.train`) runs a config; a run is a pure function of it.
 """
 from __future__ import annotations
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 
 from ..core.errors import InputError, InputTypeError
 
-__all__ = ["PRESETS", "TrainConfig", "make_config", "preset_names"]
+__all__ = ["PRESETS", "DTYPES", "TrainConfig", "make_config", "resume_config", "preset_names"]
+
+#: The parameter dtypes a run can train in (``TrainConfig.dtype``).
+DTYPES = ("float32", "float64")
 
 # RGFlow keyword arguments (image_size and channels come from the data) and training
 # settings. "paper" is the paper's CelebA/CIFAR model (appendix A), "paper-msds" its MSDS
@@ -97,6 +101,11 @@ class TrainConfig:
     train/test split (``None``: all). ``steps``: total optimiser updates. ``eval_every``:
     held-out bits/dim every so many steps (and at step 0 and the last step).
     ``checkpoint_every``: checkpoint every so many steps (and at the last step).
+    ``grad_clip``: the global gradient norm to clip at; 0 turns clipping off (the authors'
+    ``--clip_grad 0``). ``hflip``: flip each training image left-right with probability 1/2,
+    drawn afresh for every batch (the paper does so for CelebA); the flips are a function of
+    ``seed`` and the step, so a resumed run stays bit-identical. ``dtype``: ``"float32"`` or
+    ``"float64"``, the dtype of the model's parameters and of the preprocessed data.
     ``bf16``: bfloat16 autocast around the model (see :meth:`Trainer.loss`). ``compile``:
     ``torch.compile`` the model's ``log_prob`` (fullgraph); ``cuda_graphs``: the same with
     ``mode="reduce-overhead"`` (CUDA graphs; CUDA only, implies ``compile``). ``batch_size``
@@ -115,6 +124,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 5e-5
     grad_clip: float = 1.0
+    hflip: bool = False
+    dtype: str = "float32"
     steps: int = 1_000
     eval_every: int = 100
     checkpoint_every: int = 500
@@ -143,11 +154,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise InputError(f"lr and grad_clip must be > 0, got lr={self.lr!r}, grad_clip={self.grad_clip!r}")
-        for name in ("bf16", "compile", "cuda_graphs", "activation_checkpointing"):
+        if self.lr <= 0:
+            raise InputError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("bf16", "compile", "cuda_graphs", "activation_checkpointing", "hflip"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.bf16 and self.dtype != "float32":
+            raise InputError(f"bf16 autocast is for float32 models, got dtype {self.dtype!r}; drop one of them")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.model, dict):
@@ -178,3 +193,28 @@ def make_config(preset: str = "cpu", **overrides) -> TrainConfig:
     if unknown:
         raise InputError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
     return TrainConfig(preset=preset, **settings)
+
+
+# Settings a resumed run takes from the caller rather than from the run it continues: they
+# do not change its trajectory, and may differ from one session (or machine) to the next.
+_SESSION_SETTINGS = ("device", "compile", "cuda_graphs", "activation_checkpointing")
+
+
+def resume_config(saved: dict, **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of a saved run (``saved``: its :meth:`TrainConfig.to_dict`), with ``overrides``.
+
+    Settings ``saved`` lacks (a run written before they existed) take their defaults, and
+    so do ``device``, ``compile``, ``cuda_graphs`` and ``activation_checkpointing``, which
+    belong to the session rather than the run. ``overrides`` as in :func:`make_config`
+    (``None`` values ignored; ``model`` updates the saved model dict key by key).
+    """
+    if not isinstance(saved, dict):
+        raise InputTypeError(f"saved must be a dict (TrainConfig.to_dict()), got {type(saved).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k: copy.deepcopy(v) for k, v in saved.items() if k in known and k not in _SESSION_SETTINGS}
+    settings["model"] = {**settings.get("model", {}), **(overrides.pop("model", None) or {})}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InputError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**settings)

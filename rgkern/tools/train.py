@@ -14,6 +14,8 @@ A run is a pure function of its :class:`~rgkern.tools.presets.TrainConfig` (and 
   permutation ``torch.randperm(n, generator=Generator().manual_seed(derived(seed, epoch)))``
   with ``epoch = s // E`` and ``E = n // batch_size`` updates per epoch (the last partial
   batch of an epoch is dropped). The step counter is the whole data-order state.
+* With ``hflip``, the images of update ``s`` that are flipped left-right are drawn from a
+  generator seeded with ``derived(seed, s)`` (:func:`flip_mask`): no saved state either.
 * Dequantisation noise comes from its own generator (on the training device), seeded from
   ``seed``; its state is saved in every checkpoint (``extra.noise_rng``), with the global
   torch RNG state (``extra.torch_rng``, and ``extra.cuda_rng`` on CUDA) for completeness.
@@ -42,6 +44,9 @@ Speed and scale
   with DistributedDataParallel; ``batch_size`` stays the global batch and the run equals the
   single-process run up to float rounding (:mod:`rgkern.tools.distributed` says how).
 * ``bf16``: bfloat16 autocast around the model (:meth:`Trainer.loss`).
+* ``dtype="float64"``: the model's parameters, the preprocessed data, the loss and the
+  held-out evaluation are float64 (the model is initialised in float32 as usual, then cast,
+  so it starts from the same weights as the float32 run).
 * ``compile``: the model's ``log_prob`` goes through ``torch.compile(fullgraph=True)``
   (:func:`rgkern.tools.compile.compile_function`); ``cuda_graphs`` (CUDA only) uses ``mode="reduce-overhead"``,
   which also captures the compiled forward and backward in CUDA graphs. Both keep the data
@@ -54,6 +59,7 @@ Speed and scale
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -81,6 +87,7 @@ __all__ = [
     "train",
     "evaluate_bpd",
     "batch_indices",
+    "flip_mask",
     "load_images",
     "build_model",
     "check_output_folder",
@@ -96,7 +103,7 @@ HISTORY_NAME = "history.json"
 
 # Settings that fix the trajectory of a run: resuming with any of them changed would not
 # continue the same run, so it is refused.
-_RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "weight_decay", "grad_clip", "seed", "bf16")
+_RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "weight_decay", "grad_clip", "seed", "bf16", "hflip", "dtype")
 
 
 class NonFiniteError(InputError, RuntimeError):
@@ -113,7 +120,7 @@ def _derived_seed(seed: int, stream: int, index: int = 0) -> int:
     return (seed * 1_000_003 + stream * 1_000_000_007 + index * 7_919) % (2**63)
 
 
-_ORDER_STREAM, _NOISE_STREAM = 1, 2
+_ORDER_STREAM, _NOISE_STREAM, _FLIP_STREAM = 1, 2, 3
 
 
 def batch_indices(step: int, num_images: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -130,6 +137,20 @@ def batch_indices(step: int, num_images: int, batch_size: int, seed: int) -> tor
     return torch.randperm(num_images, generator=generator)[position * batch_size : (position + 1) * batch_size]
 
 
+def flip_mask(step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Bool ``(batch_size,)`` (CPU): which images of update ``step``'s batch are flipped left-right.
+
+    Each is True with probability 1/2, independently; a pure function of its arguments, like
+    :func:`batch_indices`, so a resumed run flips the same images.
+    """
+    generator = torch.Generator().manual_seed(_derived_seed(seed, _FLIP_STREAM, step))
+    return torch.rand(batch_size, generator=generator) < 0.5
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
 def load_images(name: str, root=None, split: str = "train", size: int | None = None, progress: bool = True) -> torch.Tensor:
     """uint8 ``(N, C, L, L)`` images of a dataset split (:func:`rgkern.data.load_dataset`)."""
     from ..data import load_dataset
@@ -144,10 +165,11 @@ def load_images(name: str, root=None, split: str = "train", size: int | None = N
 
 
 def build_model(config: TrainConfig, image_size: int, channels: int) -> RGFlow:
-    """The :class:`RGFlow` of ``config``, initialised from ``config.seed`` (global RNG untouched)."""
+    """The :class:`RGFlow` of ``config``, initialised from ``config.seed`` (global RNG untouched), in ``config.dtype``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return RGFlow(image_size=image_size, channels=channels, **config.model)
+        model = RGFlow(image_size=image_size, channels=channels, **config.model)
+    return model.to(_torch_dtype(config.dtype))
 
 
 def check_output_folder(out) -> Path:
@@ -199,7 +221,8 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: b
 
     The dequantisation noise is drawn on the CPU from a generator seeded with
     :data:`EVAL_NOISE_SEED` (the same noise at every call, whatever the device or batch
-    size), then moved to the model's device. Runs in the model's dtype.
+    size), then moved to the model's device. Runs in the model's dtype; the data is
+    preprocessed in float64 for a float64 model, in float32 otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -207,9 +230,10 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: b
         raise InputError("images must be a non-empty uint8 tensor (N, C, L, L)")
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
+    data_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=torch.float64, device=param.device)
     for start in tqdm(range(0, len(images), batch_size), desc="held-out bits/dim", leave=False, disable=not progress):
-        y, logdet = preprocess(images[start : start + batch_size].cpu(), generator=generator)
+        y, logdet = preprocess(images[start : start + batch_size].cpu(), generator=generator, dtype=data_dtype)
         y, logdet = y.to(param.device, param.dtype), logdet.to(param.device)
         total += bits_per_dim(model.log_prob(y), logdet, model.num_dims).double().sum()
     return float(total) / len(images)
@@ -279,7 +303,8 @@ class Trainer:
                 )
         if len(train_images) < config.batch_size:
             raise InputError(f"batch_size {config.batch_size} is larger than the {len(train_images)} training images")
-        self.model = model.to(self.device)
+        self.dtype = _torch_dtype(config.dtype)
+        self.model = model.to(self.device, self.dtype)
         # Inputs come from uint8 images through preprocess: finite by construction. Skipping
         # the model's check removes its host synchronisation from every step.
         self.model.check_inputs = False
@@ -344,7 +369,10 @@ class Trainer:
         state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, map_location=self.device)
         saved = state["info"].get("train_config", {})
         mine = self.config.to_dict()
-        changed = {k: (saved.get(k), mine.get(k)) for k in _RESUME_KEYS if saved.get(k) != mine.get(k)}
+        # A setting a checkpoint predates had its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        saved = {k: saved.get(k, defaults[k]) for k in _RESUME_KEYS}
+        changed = {k: (saved[k], mine.get(k)) for k in _RESUME_KEYS if saved[k] != mine.get(k)}
         if changed:
             raise InputError(
                 f"cannot resume {str(self.checkpoint_path)!r}: training settings differ from the checkpoint's "
@@ -376,13 +404,15 @@ class Trainer:
         operation to float32; that is left to the kernels' own dtype handling.
         With ``config.compile`` / ``cuda_graphs`` the model's ``log_prob`` is the compiled one.
         """
-        y, logdet = preprocess(images, generator=self.noise_generator)
+        y, logdet = preprocess(images, generator=self.noise_generator, dtype=self.dtype)
         y, logdet = dist_utils.shard(y, self.distributed), dist_utils.shard(logdet, self.distributed)
         if self.config.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new training iteration for the CUDA graph trees
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             log_prob = self._log_prob(y)
-        return bits_per_dim(log_prob.float(), logdet, self.model.num_dims).mean()
+        # float32 at least (a bf16 log_prob is promoted), float64 for a float64 model.
+        log_prob = log_prob.to(torch.promote_types(log_prob.dtype, torch.float32))
+        return bits_per_dim(log_prob, logdet, self.model.num_dims).mean()
 
     def train_step(self, request_stop: bool = False) -> float:
         """One AdamW update on the batch of ``self.step``; returns its training bits/dim.
@@ -400,10 +430,17 @@ class Trainer:
         index = batch_indices(self.step, len(self.train_images), self.config.batch_size, self.config.seed)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.train_images[index.to(self.device)])
+        images = self.train_images[index.to(self.device)]
+        if self.config.hflip:
+            flip = flip_mask(self.step, len(images), self.config.seed).to(self.device)
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        loss = self.loss(images)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip, foreach=True)
-        figures = torch.stack([loss.detach().float(), grad_norm.float().to(loss.device), loss.new_tensor(float(request_stop))])
+        # grad_clip 0: no clipping; the norm is still computed (an infinite bound scales by 1).
+        max_norm = self.config.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        figure_dtype = torch.promote_types(loss.dtype, torch.float32)  # float64 figures for a float64 run
+        figures = torch.stack([loss.detach().to(figure_dtype), grad_norm.to(loss.device, figure_dtype), loss.new_tensor(float(request_stop), dtype=figure_dtype)])
         loss_value, norm_value, stop = dist_utils.all_reduce_mean(figures, self.distributed).tolist()
         self.stop_agreed = stop > 0
         for what, value in (("loss", loss_value), ("gradient norm", norm_value)):
@@ -572,7 +609,11 @@ def _train(config, out, resume, overwrite, progress, log, time_limit, context, d
             trainer.resume()
             log(f"resuming {checkpoint} at step {trainer.step} of {config.steps}")
         parameters = sum(p.numel() for p in model.parameters())
-        options = [name for name, on in (("bf16 autocast", config.bf16), ("torch.compile", config.compile or config.cuda_graphs), ("CUDA graphs", config.cuda_graphs)) if on]
+        switches = (
+            ("float64", config.dtype == "float64"), ("random horizontal flips", config.hflip), ("bf16 autocast", config.bf16),
+            ("torch.compile", config.compile or config.cuda_graphs), ("CUDA graphs", config.cuda_graphs),
+        )
+        options = [name for name, on in switches if on]
         if context.enabled:
             options.append(f"DDP over {context.world_size} processes ({local_batch} images each per step)")
         log(
