@@ -27,9 +27,10 @@ ALLOWED = {
 }
 # The bottom of core: modules that import nothing from rgkern.
 STANDALONE = {"rgkern.core.errors", "rgkern.core.precision"}
-# The package itself re-exports the public API from every layer, and ``python -m rgkern``
-# (rgkern/__main__.py) is the command line's entry point.
-TOP = {"rgkern": None, "rgkern.__main__": {"rgkern.cli"}}
+# The package itself re-exports the public API from every layer, ``python -m rgkern``
+# (rgkern/__main__.py) is the command line's entry point, and ``rgkern.checkpoint`` is the
+# checkpoint facade of DESIGN.md section 6.
+TOP = {"rgkern": None, "rgkern.__main__": {"rgkern.cli"}, "rgkern.checkpoint": {"rgkern.tools"}}
 
 
 def discover(sources: dict) -> dict:

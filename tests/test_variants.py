@@ -7,6 +7,7 @@ import torch
 import rgkern
 from rgkern.cli import main as cli_main
 from authors_reference import authors_encode, authors_log_prob
+from rgkern.checkpoint import load_authors_checkpoint as facade_loader
 from rgkern.tools.authors import (
     AuthorsCheckpointError,
     authors_state_dict,
@@ -226,3 +227,8 @@ def test_region_plans_of_the_two_variants_of_one_size_are_not_shared():
         z = random_images(model)
         expected = model.decode(z)[:, :, region]
         assert (decode_region(model, z, region) - expected).abs().max() < 1e-12, variant
+
+
+def test_design_api_name_is_the_same_function():
+    """DESIGN.md section 6 names rgkern.checkpoint.load_authors_checkpoint."""
+    assert facade_loader is load_authors_checkpoint is rgkern.load_authors_checkpoint

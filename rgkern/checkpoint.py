@@ -1,0 +1,18 @@
+"""``rgkern.checkpoint``: the checkpoint API of DESIGN.md section 6, in one place.
+
+rgkern's own checkpoints (:mod:`rgkern.tools.checkpoint`) and the authors' ``.state`` files
+(:mod:`rgkern.tools.authors`). A facade: the code lives in those modules.
+"""
+from .tools.authors import AuthorsCheckpointError, authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
+from .tools.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "CheckpointError",
+    "load_authors_checkpoint",
+    "authors_state_dict",
+    "convert_authors_state_dict",
+    "AuthorsCheckpointError",
+]
