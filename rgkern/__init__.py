@@ -30,6 +30,8 @@ from .tools.explain import (
     traverse,
 )
 
+from . import checkpoint  # rgkern.checkpoint.load_authors_checkpoint etc. (DESIGN.md section 6)
+
 __version__ = "0.1.0"
 
 __all__ = [
