@@ -246,6 +246,7 @@ BAD_ARGUMENTS = [
     pytest.param(["traverse", "--checkpoint", "RUN", "--out", "OUT/t.png", "--level", "99"], "traverse", ["99"], id="traverse-level"),
     pytest.param(["traverse", "--checkpoint", "RUN", "--out", "OUT/t.png", "--channel", "9"], "traverse", ["9"], id="traverse-channel"),
     pytest.param(["scale-mix", "--checkpoint", "RUN", "--out", "OUT/m.png", "--cut", "99"], "scale-mix", ["99"], id="scale-mix-cut"),
+    pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--hist-per-level", "-5"], "receptive-fields", ["--hist-per-level"], id="hist-per-level"),
     pytest.param(["sample", "--checkpoint", "RUN", "--out", "OUT/s.npz", "--num", str(10**11), "--batch-size", str(10**11), "--no-progress"], "sample", ["out of memory", "--batch-size"], id="out-of-memory"),
     pytest.param(["nocommand"], None, ["invalid choice: 'nocommand'"], id="unknown-command"),
     pytest.param([], None, ["a command is required", "train"], id="no-command"),
@@ -677,6 +678,22 @@ def test_numeric_temperatures_of_other_types_mean_the_same(trained):
     expected = trained.sample(2, 0.5, torch.Generator().manual_seed(0))
     for same in (torch.tensor(0.5), np.float32(0.5), [0.5] * 4, torch.full((4,), 0.5)):
         assert torch.equal(trained.sample(2, same, torch.Generator().manual_seed(0)), expected)
+
+
+def test_inpaint_refuses_a_temperature_that_would_overflow():
+    from rgkern import inpaint
+
+    model = tiny_model(8, 1, 4)
+    known = torch.ones(8, 8, dtype=torch.bool)
+    known[2:4, 2:4] = False
+    with pytest.raises(ValueError, match="<= 10000"):
+        inpaint(model, random_images(model, batch=1), known, steps=1, restarts=1, temperature=1e30)
+
+
+def test_a_run_folder_whose_checkpoint_is_a_folder(run_copy, capsys):
+    (run_copy / CHECKPOINT_NAME).unlink()
+    (run_copy / CHECKPOINT_NAME).mkdir()
+    assert_one_line_error(run(["evaluate", "--checkpoint", run_copy, "--no-progress"], capsys), "evaluate", "is a folder, not a checkpoint file")
 
 
 def test_sample_zero_names_the_number_of_samples(trained):
