@@ -15,8 +15,9 @@ Errors raised for input the user can fix (:class:`rgkern.core.errors.InputError`
 subclasses: bad arguments and settings, missing or unwritable files, a torchrun set-up this
 machine cannot serve, a training run stopped by NaN/inf) are printed as one line
 ``rgkern <command>: error: ...`` on stderr, with exit code 2 (as for argparse's own usage
-errors). Any other exception is a bug, or a problem rgkern does not diagnose, and keeps its
-traceback.
+errors; argparse's usage block is left out, ``--help`` shows it). Running out of memory
+(a ``--batch-size`` or ``--num`` too large for the machine) is reported the same way. Any
+other exception is a bug, or a problem rgkern does not diagnose, and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -27,14 +28,33 @@ import sys
 from ..core.errors import InputError
 from . import train as train_commands
 
-__all__ = ["main", "build_parser", "EXTENSION_MODULES"]
+__all__ = ["main", "build_parser", "EXTENSION_MODULES", "Parser"]
 
 EXTENSION_MODULES = ("rgkern.cli.inpaint", "rgkern.cli.explain", "rgkern.cli.profile", "rgkern.cli.authors")
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line, ``PROG: error: ...``, exit code 2.
+
+    The subcommand parsers are of this class too (argparse makes them of the parent's), so
+    ``PROG`` is ``rgkern train``, ``rgkern sample``, ...
+    """
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rgkern", description="RG-Flow: train, sample, evaluate and more.")
+    parser = Parser(prog="rgkern", description="RG-Flow: train, sample, evaluate and more.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = subparsers  # its .choices: the command names
     train_commands.add_cli(subparsers)
     for name in EXTENSION_MODULES:
         try:
@@ -52,15 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's name, as its own errors are
+        prog = f"rgkern {args.command}" if getattr(args, "command", None) else "rgkern"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
     if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
+        commands = ", ".join(parser.commands.choices)
+        print(f"rgkern: error: a command is required: one of {commands} (see rgkern --help)", file=sys.stderr)
         return 2
     try:
         code = args.func(args)
     except InputError as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"rgkern {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as error:
+        if not _out_of_memory(error):
+            raise
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        detail = lines[0] if lines else type(error).__name__
+        detail = detail.split("DefaultCPUAllocator: ")[-1]  # drop the C++ assertion prefix
+        print(
+            f"rgkern {args.command}: error: out of memory ({' '.join(detail.split())}); "
+            "use a smaller --batch-size (or fewer images)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"rgkern {args.command}: interrupted", file=sys.stderr)

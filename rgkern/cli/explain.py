@@ -27,7 +27,16 @@ from ..tools.explain import (
     strongest_latent,
     traverse,
 )
-from .options import add_checkpoint_option, add_common_options, checkpoint_path, positive_int, setup_runtime
+from .options import (
+    add_checkpoint_option,
+    add_common_options,
+    checkpoint_path,
+    nonnegative_int,
+    positive_int,
+    seed,
+    setup_runtime,
+    temperature,
+)
 
 __all__ = [
     "add_cli",
@@ -80,9 +89,16 @@ def _inputs(args, model, generator, count: int, offset: int = 0) -> torch.Tensor
 
 
 def _save_rows(images: torch.Tensor, args) -> Path:
-    """Model-space images ``(rows, columns, C, L, L)`` as one PNG grid at ``args.out``."""
+    """Model-space images ``(rows, columns, C, L, L)`` as one PNG grid at ``args.out`` (finite, or an error)."""
     from ..tools.plots import save_image_grid
 
+    finite = torch.isfinite(images).flatten(2).all(dim=2)
+    if not bool(finite.all()):
+        bad = [tuple(i) for i in torch.nonzero(~finite).tolist()][:10]
+        raise InputError(
+            f"the pictures hold NaN or inf at (row, column) {bad}; nothing was written to {args.out!r}: the model "
+            "failed numerically there (try smaller latent values or a lower --temperature)"
+        )
     path = save_image_grid(postprocess(images.flatten(0, 1).cpu()), args.out, nrow=images.shape[1], scale=args.scale)
     print(f"wrote {path} ({images.shape[0]} rows x {images.shape[1]} columns)")
     return path
@@ -152,17 +168,15 @@ def run_progressive(args) -> int:
 
 
 def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
-    from ..tools.sampling import parse_temperature
-
     add_checkpoint_option(parser)
     parser.add_argument("--out", required=True, help="PNG file to write")
     if data_help:
         parser.add_argument("--data", default=None, help=data_help)
         parser.add_argument("--data-root", default=None, help="data folder (cifar10, folder); a cache folder for msds1/msds2")
-        parser.add_argument("--temperature", type=parse_temperature, default=1.0,
+        parser.add_argument("--temperature", type=temperature, default=1.0,
                             help="prior temperature of drawn latents: one value, or one per level (T0,T1,...)")
     parser.add_argument("--num", type=positive_int, default=num, help="images (rows) per picture (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latents drawn and of the data (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the latents drawn and of the data, 0 .. 2**63 - 1 (default 0)")
     parser.add_argument("--scale", type=positive_int, default=3, help="pixel scale of image grids (default 3)")
     add_common_options(parser)
 
@@ -175,8 +189,6 @@ def add_cli(subparsers) -> None:
     the PNG(s) and returns the exit code 0. Images come from ``--data NAME`` (its test split)
     or, without it, from latents drawn from the prior with ``--seed``.
     """
-    from ..tools.sampling import parse_temperature
-
     p = subparsers.add_parser(
         "receptive-fields",
         help="receptive fields per RG level (figure 5 b) and histograms of their strengths (figure 5 c)",
@@ -184,9 +196,9 @@ def add_cli(subparsers) -> None:
         "max 1, as a grid (OUT), and histograms of the strengths of all latents per level (--hist-out).",
     )
     _options(p, 8, "average over these test images (e.g. msds1) instead of prior samples")
-    p.add_argument("--per-level", type=int, default=8, help="fields shown per level (default 8)")
+    p.add_argument("--per-level", type=positive_int, default=8, help="fields shown per level (default 8)")
     p.add_argument("--hist-out", default=None, help="histogram PNG (default: OUT with -hist before .png)")
-    p.add_argument("--hist-per-level", type=int, default=0, help="latents per level in the histogram (default 0 = all)")
+    p.add_argument("--hist-per-level", type=nonnegative_int, default=0, help="latents per level in the histogram (default 0 = all)")
     p.set_defaults(func=run_receptive_fields)
 
     p = subparsers.add_parser(
@@ -208,7 +220,7 @@ def add_cli(subparsers) -> None:
         description="Each row decodes the same prior draw at its own temperatures per level.",
     )
     _options(p, 8, None)
-    p.add_argument("--setting", type=parse_temperature, action="append", default=None, metavar="T0,T1,...",
+    p.add_argument("--setting", type=temperature, action="append", default=None, metavar="T0,T1,...",
                    help="one row: temperatures per level (level 0 first) or one value; repeatable "
                         "(default: rgkern.tools.explain.default_temperature_settings)")
     p.set_defaults(func=run_mix_temperature)

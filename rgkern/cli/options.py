@@ -1,7 +1,13 @@
-"""Options and helpers shared by the subcommands: argparse types, device/threads, checkpoint paths."""
+"""Options and helpers shared by the subcommands: argparse types, device/threads, checkpoint paths.
+
+Every argparse type here raises ``argparse.ArgumentTypeError`` with a message naming the
+value and what was expected, which the parser prints as one line
+``rgkern <command>: error: argument --name: ...`` (exit code 2).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +16,12 @@ __all__ = [
     "default_device",
     "positive_float",
     "positive_int",
+    "nonnegative_int",
+    "seed",
+    "device",
+    "threads",
+    "max_threads",
+    "temperature",
     "add_speed_options",
     "add_common_options",
     "setup_runtime",
@@ -40,19 +52,97 @@ def add_speed_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def positive_int(text: str) -> int:
+#: The largest integer option value accepted (counts, sizes, steps): 2**62, so that no
+#: option overflows the 64-bit integers torch and numpy compute with.
+MAX_INT = 2**62
+
+
+def _bounded_int(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum or value > MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected {what} (at most 2**62), got {text!r}")
     return value
 
 
+def positive_int(text: str) -> int:
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _bounded_int(text, 0, "an integer >= 0")
+
+
+def seed(text: str) -> int:
+    """A seed: an integer in ``0 .. 2**63 - 1`` (what torch's generators and the trainer take)."""
+    from ..tools.sampling import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in 0 .. 2**63 - 1, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in 0 .. 2**63 - 1 ({MAX_SEED}), got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` that this machine has; anything else is refused with the reason."""
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        if parsed.index not in (None, 0):
+            raise argparse.ArgumentTypeError(f"device {text!r}: the CPU has no index; use cpu")
+        return "cpu"
+    if parsed.type != "cuda":
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported: rgkern runs on cpu, cuda or cuda:N")
+    count = torch.cuda.device_count()
+    if count == 0:
+        build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise argparse.ArgumentTypeError(f"device {text!r}: CUDA is not available on this machine ({build}); use --device cpu")
+    if parsed.index is not None and parsed.index >= count:
+        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    return str(parsed)
+
+
+def max_threads() -> int:
+    """The cap of ``--threads``: the CPUs this process may run on (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads(text: str) -> int:
+    """A thread count in ``1 .. max_threads()`` (more threads than CPUs only slow torch down)."""
+    cap = max_threads()
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads in 1 .. {cap}, got {text!r}") from None
+    if not 1 <= value <= cap:
+        raise argparse.ArgumentTypeError(f"expected a number of threads in 1 .. {cap} (the CPUs this process may use), got {text!r}")
+    return value
+
+
+def temperature(text: str):
+    """A temperature or one per RG level (``0.2,0.6,0.6,0.6``); the model checks levels and range."""
+    from ..core.errors import InputError
+    from ..tools.sampling import parse_temperature
+
+    try:
+        return parse_temperature(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=threads, default=None, help=f"CPU threads for torch, 1 .. the CPUs available ({max_threads()} here; default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -72,5 +162,6 @@ def checkpoint_path(text: str) -> Path:
     from ..tools.train import CHECKPOINT_NAME
 
     path = Path(text)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
-
+    if not path.is_dir() or (path.suffix == ".safetensors" and not (path / CHECKPOINT_NAME).exists()):
+        return path  # a file, a missing path or a folder named like a checkpoint: loading says which
+    return path / CHECKPOINT_NAME

@@ -20,6 +20,7 @@ from .options import (
     default_device,
     positive_float,
     positive_int,
+    seed,
     setup_runtime,
 )
 
@@ -76,7 +77,7 @@ def _add_train(subparsers) -> None:
         "--time-limit", type=positive_float, default=None, metavar="MINUTES",
         help="stop training after this many minutes (evaluate and checkpoint there; --resume goes on)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and noise (default 0)")
+    parser.add_argument("--seed", type=seed, default=None, help="seed of initialisation, data order and noise, 0 .. 2**63 - 1 (default 0)")
     parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
     parser.add_argument("--test-size", type=positive_int, default=None, help="held-out bits/dim on the first N test images")
     parser.add_argument("--sample-temperature", default=None, help="temperature of OUT/samples.png: a float or one per RG level, comma-separated")
@@ -130,14 +131,15 @@ def _model_overrides(args) -> dict:
 
 
 def run_train(args) -> int:
-    from ..tools.distributed import context_from_environment
-    from ..tools.plots import plot_history, save_image_grid
-    from ..tools.sampling import parse_temperature, write_samples
     from ..tools.checkpoint import read_document
+    from ..tools.distributed import check_global_batch_size, context_from_environment, resolve_device
+    from ..tools.files import run_lock
     from ..tools.presets import make_config, resume_config
-    from ..tools.train import CHECKPOINT_NAME, load_images, train
+    from ..tools.sampling import parse_temperature
+    from ..tools.train import CHECKPOINT_NAME, check_output_folder, train
 
-    main_process = context_from_environment().is_main
+    context = context_from_environment()
+    main_process = context.is_main
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -180,10 +182,24 @@ def run_train(args) -> int:
     if main_process and preset.startswith("paper") and torch.device(device or default_device()).type == "cpu":
         print(f"warning: preset {preset!r} is the paper-size model; on the CPU it is very slow (use --preset cpu)", file=sys.stderr)
     time_limit = None if args.time_limit is None else 60 * args.time_limit
-    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
     if not main_process:
+        train(config, out, resume=args.resume, overwrite=args.overwrite, progress=False, time_limit=time_limit)
         return 0
-    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {preset}")
+    # The checks train() makes before it touches the folder, first: a refused set-up writes nothing.
+    resolve_device(config.device, context)
+    check_global_batch_size(config.batch_size, context.world_size)
+    # The folder's lock covers the pictures written after training too (train() takes it again).
+    with run_lock(check_output_folder(out)):
+        return _train_and_write(args, config, out, time_limit)
+
+
+def _train_and_write(args, config, out: Path, time_limit) -> int:
+    from ..tools.plots import plot_history, save_image_grid
+    from ..tools.sampling import write_samples
+    from ..tools.train import load_images, train
+
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
+    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {config.preset or 'cpu'}")
     write_samples(
         result.model, num=args.num_samples, png=out / "samples.png", temperature=config.sample_temperature,
         seed=config.seed, progress=not args.no_progress,
@@ -214,10 +230,14 @@ def _add_sample(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images decoded at once (default 256)")
     parser.add_argument("--temperature", default="1.0", help="a float, or one per RG level, comma-separated (e.g. 0.2,0.6,0.6,0.6)")
     parser.add_argument("--out", required=True, nargs="+", help="output path(s): .png and/or .npz")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the latents, 0 .. 2**63 - 1 (default 0)")
     parser.add_argument("--grid-size", type=positive_int, default=64, help="images in the PNG grid (default 64)")
     parser.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: square)")
-    parser.add_argument("--scale", type=positive_int, default=2, help="pixel scale of the PNG grid (default 2)")
+    parser.add_argument("--scale", type=positive_int, default=2, help="pixel scale of the PNG grid (default 2; the grid is at most 8192 x 8192 pixels)")
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true",
+        help="write images whose decode gave NaN or inf (NaN pixels become 0) and report their indices, instead of stopping with an error",
+    )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the s/t networks (coupling arithmetic stays float32)")
     add_speed_options(parser, "decoder")
     add_common_options(parser)
@@ -244,7 +264,12 @@ def run_sample(args) -> int:
         model, num=args.num, png=png[0] if png else None, npz=npz[0] if npz else None, batch_size=args.batch_size,
         temperature=temperature, seed=args.seed, grid_size=args.grid_size, nrow=args.nrow, scale=args.scale,
         progress=not args.no_progress, compile=args.compile, cuda_graphs=args.cuda_graphs, bf16=args.bf16,
+        allow_nonfinite=args.allow_nonfinite,
     )
+    bad = result["nonfinite"]
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"rgkern sample: warning: {len(bad)} of {result['num']} images hold NaN or inf (written with those pixels 0): index {shown}", file=sys.stderr)
     for key in ("png", "npz"):
         if result[key] is not None:
             print(f"wrote {result[key]}")

@@ -24,6 +24,7 @@ batched GEMM (``torch.baddbmm``) on a ``(2, N, width)`` stack, with the residual
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -404,6 +405,8 @@ class RGFlow(nn.Module):
         C, L = self.channels, self.image_size
         if x.dim() != 4:
             raise InputError(f"{name} must be 4-D (B, C, L, L) = (B, {C}, {L}, {L}), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise InputError(f"{name} holds no images (batch size 0, shape {tuple(x.shape)}); expected at least one")
         if x.shape[1] != C:
             raise InputError(f"{name} has {x.shape[1]} channels, the model expects {C} (shape {tuple(x.shape)})")
         if tuple(x.shape[2:]) != (L, L):
@@ -445,24 +448,44 @@ class RGFlow(nn.Module):
         z, logdet = self.encode(x)
         return self.prior.log_prob_sum(z).to(logdet.dtype) + logdet
 
+    #: The largest temperature :meth:`temperature_map` accepts: latents stay far from the
+    #: float32 range through the decode (a Laplace draw times 1e4 is below 1e6 in magnitude).
+    MAX_TEMPERATURE = 1e4
+
     def temperature_map(self, temperature, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Per-latent temperature ``(C, L, L)`` from a float or one temperature per level (len H)."""
+        """Per-latent temperature ``(C, L, L)`` from a float or one temperature per level (len H).
+
+        Each temperature is a real number in ``[0, MAX_TEMPERATURE]``; strings are refused
+        (``TypeError``), a wrong number of levels or a value out of range is a ``ValueError``.
+        """
         H = self.num_levels
-        if isinstance(temperature, torch.Tensor) and temperature.dim() == 0:
-            temperature = float(temperature)
-        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-            per_level = [float(temperature)] * H
+        expected = f"temperature must be a float or a sequence of {H} floats (one per RG level), got {temperature!r}"
+
+        def number(t):
+            if isinstance(t, torch.Tensor) and t.dim() == 0:
+                t = t.item()
+            if isinstance(t, numbers.Real) and not isinstance(t, bool):
+                return float(t)
+            raise InputTypeError(expected)
+
+        if isinstance(temperature, (str, bytes)):  # else "0555" would read as four levels
+            raise InputTypeError(f"{expected}; parse text first (rgkern.tools.sampling.parse_temperature)")
+        if isinstance(temperature, numbers.Real) or isinstance(temperature, torch.Tensor) and temperature.dim() == 0:
+            per_level = [number(temperature)] * H
         else:
             try:
-                per_level = [float(t) for t in temperature]
+                per_level = [number(t) for t in temperature]
             except TypeError:
-                raise InputTypeError(f"temperature must be a float or a sequence of {H} floats, got {temperature!r}") from None
+                raise InputTypeError(expected) from None
             if len(per_level) != H:
                 raise InputError(
                     f"temperature has {len(per_level)} entries {per_level}, expected one per RG level ({H} levels)"
                 )
-        if any(not math.isfinite(t) or t < 0 for t in per_level):
-            raise InputError(f"temperatures must be finite and >= 0, got {per_level}")
+        if any(not math.isfinite(t) or t < 0 or t > self.MAX_TEMPERATURE for t in per_level):
+            raise InputError(
+                f"temperatures must be finite, >= 0 and <= {self.MAX_TEMPERATURE:g} (beyond that samples overflow), "
+                f"got {per_level}"
+            )
         device = self._param().device if device is None else torch.device(device)
         table = torch.tensor(per_level, dtype=dtype, device=device)
         return table[self.geometry.latent_level_of_elements(device)]
@@ -478,7 +501,7 @@ class RGFlow(nn.Module):
         depends on the tensor's size, so with one the samples are drawn one call each.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise InputError(f"number of samples must be a positive int, got {n!r}")
+            raise InputError(f"number of samples n must be a positive int, got {n!r}")
         param = self._param()
         device = param.device if device is None else torch.device(device)
         dtype = param.dtype if dtype is None else dtype
@@ -500,11 +523,11 @@ class RGFlow(nn.Module):
         """
         if batch_size is None:
             batch_size = n
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise InputError(f"number of samples n must be a positive int, got {n!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         with torch.inference_mode():
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise InputError(f"number of samples must be a positive int, got {n!r}")
             chunks = [
                 self.decode(self.sample_latents(min(batch_size, n - start), temperature, generator))
                 for start in range(0, n, batch_size)

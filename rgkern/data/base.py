@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ..core.errors import InputError, InputFileNotFoundError
 
-__all__ = ["DataNotFoundError", "ImageDataset", "is_int", "check_split", "check_size"]
+__all__ = ["DataNotFoundError", "SizeTooLargeError", "ImageDataset", "is_int", "check_split", "check_size"]
 
 
 class DataNotFoundError(InputFileNotFoundError):
@@ -56,10 +56,21 @@ def check_split(split) -> str:
     return split
 
 
+class SizeTooLargeError(InputError):
+    """A size larger than the split holds (``requested``, ``available``): a ``ValueError``."""
+
+    def __init__(self, message: str, requested: int, available: int):
+        super().__init__(message)
+        self.requested, self.available = requested, available
+
+
 def check_size(size, total: int, what: str) -> int:
-    """``size`` None -> ``total``; else a positive int <= total."""
+    """``size`` None -> ``total``; else a positive int <= total (:class:`SizeTooLargeError` if larger)."""
     if size is None:
         return total
+    if is_int(size) and size > total:
+        raise SizeTooLargeError(
+            f"size must be None or a positive int <= {total} (the size of {what}), got {size!r}", int(size), total)
     if not is_int(size) or size <= 0 or size > total:
         raise InputError(
             f"size must be None or a positive int <= {total} (the size of {what}), "

@@ -51,7 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..core.errors import InputError
+from ..core.errors import InputError, file_error
 from .base import ImageDataset, check_size, check_split, is_int
 
 __all__ = ["MSDS_SPLIT_SIZES", "MSDS_IMAGE_SIZE", "generate_msds", "MSDS"]
@@ -268,15 +268,20 @@ class MSDS(ImageDataset):
 
     @staticmethod
     def _save_cache(path: Path, images: np.ndarray, labels: Dict[str, np.ndarray]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, images=images, **{f"label_{k}": v for k, v in labels.items()})
             os.replace(tmp, path)      # atomic: concurrent readers never see half a file
-        except BaseException:
-            if os.path.exists(tmp):
+        except BaseException as error:
+            if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(error, OSError):  # full disk, read-only or unwritable cache folder
+                raise file_error(error.errno, f"cannot write the MSDS cache {str(path)!r}: "
+                                 f"{error.strerror or error}; free space there or choose "
+                                 "another cache folder (--data-root)") from error
             raise
 
     def __repr__(self) -> str:

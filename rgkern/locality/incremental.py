@@ -145,7 +145,9 @@ class _CachedPass:
         batch = image.shape[0]
         images = [None] * (S + 1)
         patch_logdets = [None] * S
-        cur = image.clone()
+        # Row-major copy whatever the input's strides (channels_last, transposed): the cache
+        # is written in place through flat views.
+        cur = image.clone(memory_format=torch.contiguous_format)
         images[S if self._inverse else 0] = cur
         for s in self._order():
             row_index = self.geometry.row_index(s, cur.device)

@@ -2,7 +2,8 @@
 
 ``presets`` (training presets and ``TrainConfig``), ``train`` (the trainer),
 ``compile`` (the ``torch.compile`` helper training and sampling share), ``sampling``,
-``explain``, ``checkpoint``, ``distributed`` (torchrun / DDP) and ``plots``.
+``explain``, ``checkpoint``, ``files`` (atomic writes, run-folder locks), ``distributed``
+(torchrun / DDP) and ``plots``.
 
 Imports :mod:`rgkern.core`, :mod:`rgkern.locality` and :mod:`rgkern.data`; never the
 command line.

@@ -1,4 +1,4 @@
-"""Checkpoints: one safetensors file with the model, optimiser state and a JSON config.
+"""Checkpoints: one safetensors file with the model, optimiser state, a JSON config and checksums.
 
 A checkpoint ``run/model.safetensors`` holds:
 
@@ -6,27 +6,56 @@ A checkpoint ``run/model.safetensors`` holds:
 * optimiser tensors (Adam moments, step counts) under ``optim.<param index>.<name>`` and any
   extra tensors (e.g. RNG states) under ``extra.<name>``;
 * in its safetensors metadata, a JSON document ``rgkern`` with the model config, the training
-  step, the optimiser's non-tensor state (param groups) and user ``info``.
+  step, the optimiser's non-tensor state (param groups), user ``info`` and ``tensors_sha256``,
+  and a JSON table ``rgkern.sha256``: for every tensor, the SHA-256 of its dtype, shape and
+  bytes; ``tensors_sha256`` is the SHA-256 of that table.
 
-A human-readable copy of that JSON is written beside it (``run/model.json``); loading reads
-only the safetensors file. Both files are written atomically (temporary file, then rename),
-so a run killed mid-write leaves the previous checkpoint intact.
+Loading checks, before any weight reaches a model: that the file is a safetensors file with
+an ``rgkern`` document of a format this version reads; every tensor's checksum (a flipped
+byte anywhere in the tensor data, or a tensor added or removed, is refused naming the
+tensors); that every floating-point model and optimiser tensor is finite; and that the
+tensors fit the model (names and shapes), with a message listing the settings and tensors
+that differ. Checkpoints written before the checksums (no ``rgkern.sha256``) load with the
+other checks.
+
+A human-readable copy of the ``rgkern`` document is written beside it (``run/model.json``);
+loading reads only the safetensors file. Both files are written with
+:func:`rgkern.tools.files.atomic_write_many`: both temporary files are complete on disk
+before the first rename, the safetensors file is renamed first, so a run killed mid-write
+leaves the previous checkpoint intact; a kill between the two renames leaves ``model.json``
+one version behind, which its ``tensors_sha256`` shows and :func:`repair_sidecar` (run by
+the trainer when it starts in the folder) fixes.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..core.errors import InputError, InputFileNotFoundError
-from .files import atomic_write
+from .files import atomic_write_many
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_document", "CheckpointError"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "repair_sidecar",
+    "read_document",
+    "tensor_checksum",
+    "CheckpointError",
+]
 
 #: 2: the stacked s/t parameter layout (``sublayers.S.networks.*``); 1: one ``nn.Linear`` per
 #: layer (``sublayers.S.blocks.B.halves.H.*``), converted on load.
 FORMAT_VERSION = 2
+METADATA_KEY = "rgkern"
+CHECKSUM_KEY = "rgkern.sha256"
+# At most this many names in one message.
+_SHOWN = 6
 
 
 class CheckpointError(InputError):
@@ -37,11 +66,43 @@ def _json_sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _listing(names, limit: int = _SHOWN) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """SHA-256 (hex) of a CPU tensor's dtype, shape and bytes, as stored in a checkpoint."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256(f"{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|".encode())
+    digest.update(memoryview(data))
+    return digest.hexdigest()
+
+
+def _table_checksum(table: dict) -> str:
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+
+
+def _non_finite(tensors: dict, prefixes=("model.", "optim.")) -> list:
+    """``["name (k of n values)", ...]`` for floating tensors under ``prefixes`` holding NaN or inf."""
+    bad = []
+    for name, value in tensors.items():
+        if name.startswith(prefixes) and value.is_floating_point() and value.numel():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {value.numel()} values)")
+    return bad
+
+
 def save_checkpoint(path, model, optimizer=None, step: int = 0, info: dict | None = None, extra_tensors=None) -> Path:
     """Write ``model`` (and optionally ``optimizer``) to ``path`` (a ``.safetensors`` file).
 
     Returns the path written. ``info`` must be JSON-serialisable; ``extra_tensors`` is a dict
-    of tensors stored as they are (e.g. RNG states).
+    of tensors stored as they are (e.g. RNG states). Raises :class:`CheckpointError`, writing
+    nothing, when a model or optimiser tensor holds NaN or inf (such a file could not be
+    loaded back). Files are created with the mode a plain ``open`` gives (``0666`` less the
+    umask, as pictures).
     """
     from safetensors.torch import save_file
 
@@ -59,79 +120,261 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, info: dict | Non
         optim_groups = state["param_groups"]
     for name, value in (extra_tensors or {}).items():
         tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"not writing checkpoint {str(path)!r}: {len(bad)} tensors hold NaN or inf: {_listing(bad)}; "
+            "the previous checkpoint (if any) is unchanged"
+        )
+    table = {name: tensor_checksum(value) for name, value in tensors.items()}
     document = {
         "format": FORMAT_VERSION,
         "config": model.config,
         "step": int(step),
         "optimizer_param_groups": optim_groups,
         "info": info or {},
+        "tensors_sha256": _table_checksum(table),
     }
     text = json.dumps(document, indent=1, sort_keys=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"rgkern": text}))
-    atomic_write(_json_sidecar(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    metadata = {METADATA_KEY: text, CHECKSUM_KEY: json.dumps(table, sort_keys=True)}
+    atomic_write_many([
+        (path, lambda tmp: save_file(tensors, tmp, metadata=metadata)),
+        (_json_sidecar(path), lambda tmp: Path(tmp).write_text(text + "\n")),
+    ])
     return path
 
 
-def _read(path: Path, with_tensors: bool = True):
+def _open_metadata(path: Path, with_tensors: bool):
+    """``(metadata dict, tensors dict or None)`` of a safetensors file, or CheckpointError."""
     from safetensors import safe_open
 
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file; give a model.safetensors file or the run folder holding one")
     if not path.exists():
         raise InputFileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size < 16:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a safetensors file: it has only {size} bytes")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        from ..core.errors import file_error
+
+        raise file_error(error.errno, f"cannot read checkpoint {str(path)!r}: {error.strerror or error}") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
-        document = json.loads(metadata["rgkern"])
-        document["config"]
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else None
     except Exception as error:  # safetensors raises several types for a damaged file
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or not an rgkern checkpoint ({type(error).__name__}: {error})"
+            f"checkpoint {str(path)!r} is corrupt or not a safetensors file ({type(error).__name__}: {error})"
         ) from error
+    return metadata, tensors
+
+
+def _parse_document(path: Path, metadata: dict) -> dict:
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file but not an rgkern checkpoint: its metadata has no "
+            f"{METADATA_KEY!r} entry (it has {sorted(metadata) or 'none'})"
+        )
+    try:
+        document = json.loads(metadata[METADATA_KEY])
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its {METADATA_KEY!r} metadata is not JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not an rgkern checkpoint: its metadata holds no model config")
+    version = document.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {version!r}; this version of rgkern reads formats 1 to "
+            f"{FORMAT_VERSION}: update rgkern to load it"
+        )
+    if not isinstance(document.get("step", 0), int):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its step is {document.get('step')!r}, not an int")
+    return document
+
+
+def _verify(path: Path, metadata: dict, document: dict, tensors: dict) -> bool:
+    """Check the tensors against the checksum table (if the file has one) and for NaN/inf.
+
+    Returns whether checksums were verified (False for checkpoints written before them).
+    """
+    verified = False
+    if CHECKSUM_KEY in metadata:
+        try:
+            table = json.loads(metadata[CHECKSUM_KEY])
+        except ValueError:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its checksum table is not JSON") from None
+        if not isinstance(table, dict) or document.get("tensors_sha256") != _table_checksum(table):
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its checksum table does not match its document")
+        missing = sorted(set(table) - set(tensors))
+        added = sorted(set(tensors) - set(table))
+        changed = sorted(name for name in set(table) & set(tensors) if tensor_checksum(tensors[name]) != table[name])
+        problems = []
+        if changed:
+            problems.append(f"{len(changed)} tensors whose bytes changed since they were written: {_listing(changed)}")
+        if missing:
+            problems.append(f"{len(missing)} tensors missing: {_listing(missing)}")
+        if added:
+            problems.append(f"{len(added)} tensors added: {_listing(added)}")
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is corrupt (checksum mismatch): " + "; ".join(problems)
+                + "; use an intact copy or retrain"
+            )
+        verified = True
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds non-finite weights (NaN or inf) in {len(bad)} tensors: {_listing(bad)}; "
+            "it would give NaN bits/dim and black samples: use an earlier checkpoint"
+        )
+    return verified
+
+
+def _read(path: Path):
+    metadata, tensors = _open_metadata(path, with_tensors=True)
+    document = _parse_document(path, metadata)
+    document["_verified"] = _verify(path, metadata, document, tensors)
     return document, tensors
 
 
 def read_document(path) -> dict:
-    """The JSON document of the checkpoint at ``path`` (``config``, ``step``, ``info``, ...), without reading its tensors."""
-    return _read(Path(path), with_tensors=False)[0]
+    """The ``rgkern`` metadata document of checkpoint ``path`` (no tensor is read or checked)."""
+    path = Path(path)
+    metadata, _ = _open_metadata(path, with_tensors=False)
+    return _parse_document(path, metadata)
+
+
+def repair_sidecar(path) -> bool:
+    """Rewrite ``model.json`` beside checkpoint ``path`` from the checkpoint when it differs.
+
+    ``model.json`` is a copy of the checkpoint's ``rgkern`` document; a run killed between
+    the two renames of :func:`save_checkpoint` leaves it one version behind (or missing).
+    Returns True when it was rewritten; does nothing (False) when the copy is current or the
+    checkpoint is missing or unreadable (loading it reports that).
+    """
+    path = Path(path)
+    try:
+        metadata, _ = _open_metadata(path, with_tensors=False)
+        document = _parse_document(path, metadata)
+    except (InputError, OSError):
+        return False
+    sidecar = _json_sidecar(path)
+    try:
+        current = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        current = None
+    if current == document:
+        return False
+    text = json.dumps(document, indent=1, sort_keys=True)
+    atomic_write_many([(sidecar, lambda tmp: Path(tmp).write_text(text + "\n"))])
+    return True
 
 
 def _normalise(config: dict) -> dict:
-    # Checkpoints written before the "authors" variant existed hold paper-variant models.
-    config = {"variant": "paper", **config}
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
+
+
+def _with_defaults(config: dict) -> dict:
+    """``config`` with settings it lacks (added to RGFlow after it was written) at their defaults."""
+    from ..core.model import RGFlow
+
+    full = dict(config)
+    for name, parameter in inspect.signature(RGFlow.__init__).parameters.items():
+        if name in ("self", "backend", "activation_checkpointing") or name in full:
+            continue
+        if isinstance(parameter.default, (str, bool, int, float)):
+            full[name] = parameter.default
+    return full
+
+
+def _build_model(path: Path, config: dict):
+    from ..core.model import RGFlow
+
+    try:
+        return RGFlow(**config)
+    except TypeError as error:  # settings this version does not know
+        raise CheckpointError(f"checkpoint {str(path)!r} has a model config this version of rgkern cannot build ({error}): {config}") from None
+    except InputError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config ({error})") from None
+
+
+def _shape_differences(expected: dict, found: dict) -> list:
+    """Human-readable differences between two ``{name: shape}`` dicts (checkpoint = ``found``)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    parts = []
+    if reshaped:
+        shown = [f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})" for k in reshaped]
+        parts.append(f"{len(reshaped)} tensors of other shapes: {_listing(shown, 3)}")
+    if missing:
+        parts.append(f"{len(missing)} model tensors missing from the checkpoint: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint tensors the model does not have: {_listing(unexpected)}")
+    return parts
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device that can hold tensors here, or InputError naming it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "meta":
+        raise InputError("device 'meta' holds no data; weights cannot be loaded onto it (use 'cpu' or 'cuda')")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} asked for, but CUDA is not available on this machine; use 'cpu'")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"device {str(device)!r} cannot be used on this machine ({first}); use 'cpu' or 'cuda'") from None
+    return device
 
 
 def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dict:
     """Load ``path`` into ``model`` (built from the stored config, in the stored dtype, when ``None``) and ``optimizer``.
 
-    Returns a dict with ``model``, ``config``, ``step``, ``info`` and ``extra_tensors``.
-    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a
-    ``ValueError``) for a corrupt file or one whose config differs from ``model``'s.
+    Returns a dict with ``model``, ``config``, ``step``, ``info``, ``extra_tensors`` and
+    ``verified`` (whether the file carried checksums, all of which matched). Raises
+    ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a ``ValueError``)
+    for a corrupt file (checksum mismatch included), non-finite weights, or one whose config
+    or tensors differ from ``model``'s (the message lists the settings and tensors that
+    differ); ``ValueError`` for a ``map_location`` this machine cannot use.
     """
-    from ..core.model import RGFlow, convert_legacy_state_dict, is_legacy_state_dict
+    from ..core.model import convert_legacy_state_dict, is_legacy_state_dict
 
     path = Path(path)
+    map_location = _check_device(map_location)
     document, tensors = _read(path)
     config = document["config"]
-    built = model is None
-    if built:
-        model = RGFlow(**config).to(map_location)
-    elif _normalise(model.config) != _normalise(config):
-        diff = {
-            k: (config.get(k), model.config.get(k))
-            for k in sorted(set(config) | set(model.config))
-            if _normalise({k: config.get(k)}) != _normalise({k: model.config.get(k)})
-        }
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was saved from a different model config; "
-            f"differences (checkpoint, model): {diff}"
-        )
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if built:  # in the dtype it was saved in (a float64 run's model comes back float64)
+    built = model is None
+    if built:
+        model = _build_model(path, config).to(map_location)
+        # In the dtype it was saved in: a float64 run's model comes back float64.
         dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         if len(dtypes) == 1:
             model = model.to(dtypes.pop())
+    elif _normalise(_with_defaults(model.config)) != _normalise(_with_defaults(config)):
+        mine, theirs = _with_defaults(model.config), _with_defaults(config)
+        diff = {
+            k: (theirs.get(k), mine.get(k))
+            for k in sorted(set(theirs) | set(mine))
+            if _normalise({k: theirs.get(k)}) != _normalise({k: mine.get(k)})
+        }
+        shapes = [] if is_legacy_state_dict(state) else _shape_differences(
+            {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()}
+        )
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was saved from a different model config; "
+            f"differences (checkpoint, model): {diff}" + "".join(f"; {part}" for part in shapes)
+        )
     legacy = is_legacy_state_dict(state)
     if legacy:
         if optimizer is not None:
@@ -144,20 +387,17 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
             state = convert_legacy_state_dict(state, model)
         except KeyError as error:
             raise CheckpointError(f"checkpoint {str(path)!r} (format 1) lacks model tensor {error}") from None
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} lacks model tensors {sorted(missing)[:5]}")
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} (format 1) does not fit its own config ({str(error).splitlines()[0]})") from None
+    differences = _shape_differences(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()}
+    )
+    if differences:
+        whose = "the model its own config describes (a damaged or foreign file)" if built else "this model"
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {whose}: " + "; ".join(differences))
     model.load_state_dict(state)
     if optimizer is not None:
-        groups = document.get("optimizer_param_groups")
-        if groups is None:
-            raise CheckpointError(f"checkpoint {str(path)!r} holds no optimiser state")
-        optim_state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        _load_optimizer(path, optimizer, document, tensors)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return {
         "model": model,
@@ -165,14 +405,57 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
         "step": document["step"],
         "info": document.get("info", {}),
         "extra_tensors": extra,
+        "verified": document["_verified"],
     }
 
 
+def _load_optimizer(path: Path, optimizer, document: dict, tensors: dict) -> None:
+    groups = document.get("optimizer_param_groups")
+    if groups is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no optimiser state")
+    optim_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            try:
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+            except ValueError:
+                raise CheckpointError(f"checkpoint {str(path)!r} has a malformed optimiser tensor name {key!r}") from None
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    reshaped = [
+        f"optim.{index}.{name} (checkpoint {tuple(value.shape)}, parameter {tuple(parameters[index].shape)})"
+        for index, entries in optim_state.items()
+        if index < len(parameters)
+        for name, value in entries.items()
+        if value.dim() > 0 and tuple(value.shape) != tuple(parameters[index].shape)
+    ]
+    if reshaped or any(index >= len(parameters) for index in optim_state):
+        extra = sorted(index for index in optim_state if index >= len(parameters))
+        detail = _listing(reshaped, 3) if reshaped else f"state for parameters {extra[:_SHOWN]} of {len(parameters)}"
+        raise CheckpointError(f"checkpoint {str(path)!r}: its optimiser state does not fit this model's parameters: {detail}")
+    try:
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r}: its optimiser state does not fit this optimiser ({error})") from None
+
+
 def load_model(path, device="cpu", backend="auto"):
-    """An :class:`rgkern.RGFlow` rebuilt from the checkpoint at ``path``, in eval mode."""
-    result = load_checkpoint(path, map_location=device)
+    """An :class:`rgkern.RGFlow` rebuilt from the checkpoint at ``path``, in eval mode.
+
+    ``backend="triton"`` on a device other than CUDA (without ``TRITON_INTERPRET=1``) is
+    refused here with ``ValueError``, before the weights are read.
+    """
     from ..core.ops import check_backend
 
+    backend = check_backend(backend)
+    device = _check_device(device)
+    if backend == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # the kernels' own rule (kernels/launch.py)
+            raise InputError(
+                f"backend 'triton' needs a CUDA device, got {str(device)!r}; use backend 'auto' or 'torch', a GPU, "
+                "or TRITON_INTERPRET=1 (Triton's CPU interpreter, slow)"
+            )
+    result = load_checkpoint(path, map_location=device)
     model = result["model"].to(device)
-    model.backend = check_backend(backend)
+    model.backend = backend
     return model.eval()

@@ -368,9 +368,10 @@ def plot_receptive_field_histograms(results: Sequence[LevelReceptiveFields], pat
 
 
 def _save_figure(figure, path) -> Path:
+    from .files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))  # a failure leaves an older picture intact
     return path
 
 

@@ -2,7 +2,9 @@
 
 Nothing here touches a model. Matplotlib is used through its object-oriented API with the
 Agg canvas (no ``pyplot``), so importing or calling these functions never changes the
-caller's matplotlib backend and works on machines without a display.
+caller's matplotlib backend and works on machines without a display. Every picture is
+written atomically (:func:`rgkern.tools.files.atomic_write`): a full disk or a kill leaves
+the previous file as it was. A grid is at most :data:`MAX_GRID_PIXELS` pixels.
 """
 from __future__ import annotations
 
@@ -13,8 +15,38 @@ import numpy as np
 import torch
 
 from ..core.errors import InputError, InputTypeError
+from .files import atomic_write
 
-__all__ = ["image_grid", "save_image_grid", "plot_history"]
+__all__ = ["image_grid", "save_image_grid", "plot_history", "check_grid_size", "MAX_GRID_PIXELS"]
+
+#: The largest picture :func:`save_image_grid` writes: 2**26 pixels (8192 x 8192), below
+#: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 million), so
+#: every grid written can be opened again without a warning.
+MAX_GRID_PIXELS = 2**26
+
+
+def check_grid_size(n: int, channels: int, height: int, width: int, nrow=None, scale: int = 1, padding: int = 1):
+    """``(rows, columns)`` in pixels of the grid :func:`save_image_grid` would write, or ValueError.
+
+    Raises ``ValueError`` naming ``scale`` and the largest scale that fits when the picture
+    would exceed :data:`MAX_GRID_PIXELS`; nothing is allocated.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale <= 0:
+        raise InputError(f"scale must be a positive int, got {scale!r}")
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow <= 0):
+        raise InputError(f"nrow must be a positive int, got {nrow!r}")
+    ncol = min(math.ceil(math.sqrt(n)) if nrow is None else nrow, n)
+    rows = math.ceil(n / ncol)
+    height_px = rows * (height + padding) + padding
+    width_px = ncol * (width + padding) + padding
+    if height_px * width_px * scale * scale > MAX_GRID_PIXELS:
+        largest = math.isqrt(MAX_GRID_PIXELS // (height_px * width_px))
+        raise InputError(
+            f"a grid of {n} images of {height}x{width} at scale {scale} would be {width_px * scale} x {height_px * scale} "
+            f"pixels, more than the limit of {MAX_GRID_PIXELS:,} (8192 x 8192); "
+            + (f"use scale {largest} or less" if largest >= 1 else "use fewer images")
+        )
+    return height_px * scale, width_px * scale
 
 
 def _as_uint8_array(images) -> np.ndarray:
@@ -69,15 +101,14 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 1, paddi
     """
     from PIL import Image
 
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale <= 0:
-        raise InputError(f"scale must be a positive int, got {scale!r}")
+    shape = _as_uint8_array(images).shape
+    check_grid_size(shape[0], shape[1], shape[2], shape[3], nrow=nrow, scale=scale, padding=padding)
     grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
     if scale > 1:
         grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     picture = Image.fromarray(grid[0]) if grid.shape[0] == 1 else Image.fromarray(np.ascontiguousarray(grid.transpose(1, 2, 0)))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG")
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path
 
 
@@ -108,6 +139,5 @@ def plot_history(history, path, title: str | None = None) -> Path:
         axes.set_title(title)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     return path

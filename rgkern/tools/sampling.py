@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -30,12 +29,25 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..core.errors import InputError, file_error
-from .files import atomic_write
-from .plots import save_image_grid
+from ..core.errors import InputError, InputTypeError, file_error
+from .files import create_temporary, remove_orphans
+from .plots import check_grid_size, save_image_grid
 from ..core.preprocess import postprocess
 
-__all__ = ["sample_images", "write_samples", "parse_temperature", "check_writable", "BF16_SAMPLE_TOLERANCE"]
+__all__ = [
+    "sample_images",
+    "write_samples",
+    "parse_temperature",
+    "check_writable",
+    "check_seed",
+    "NonFiniteSampleError",
+    "BF16_SAMPLE_TOLERANCE",
+    "MAX_SEED",
+]
+
+#: Seeds are integers in ``0 .. MAX_SEED`` (what ``torch.Generator.manual_seed`` and the
+#: trainer's derived seeds take without overflow).
+MAX_SEED = 2**63 - 1
 
 #: Bounds on the difference between bf16 and float32 samples of the same latents, which
 #: tests/test_speed_options.py checks on its test model (L=32, C=3, n_layers 2, hidden 8,
@@ -45,12 +57,22 @@ __all__ = ["sample_images", "write_samples", "parse_temperature", "check_writabl
 BF16_SAMPLE_TOLERANCE = {"model_space_max_abs": 0.01, "uint8_max_abs": 1, "uint8_fraction_differing": 0.05}
 
 
+class NonFiniteSampleError(InputError, RuntimeError):
+    """Decoded samples held NaN or inf (``indices``: the images, counted from 0); nothing was written."""
+
+    def __init__(self, message: str, indices):
+        super().__init__(message)
+        self.indices = list(indices)
+
+
 def parse_temperature(text: str):
     """``"0.8"`` -> ``0.8``; ``"0.2,0.6,0.6,0.6"`` -> ``[0.2, 0.6, 0.6, 0.6]`` (one per RG level).
 
     Only the syntax is checked here; the model checks the number of levels and the values.
     """
-    parts = [p.strip() for p in str(text).split(",")]
+    if not isinstance(text, str):
+        raise InputTypeError(f"temperature text must be a str, got {type(text).__name__}")
+    parts = [p.strip() for p in text.split(",")]
     try:
         values = [float(p) for p in parts]
     except ValueError:
@@ -66,6 +88,15 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_seed(seed) -> int:
+    """``seed`` if it is an int in ``0 .. MAX_SEED``, else ``ValueError`` (``TypeError``) naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputTypeError(f"seed must be an int in 0 .. {MAX_SEED} (2**63 - 1), got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an int in 0 .. {MAX_SEED} (2**63 - 1), got {seed}")
+    return seed
+
+
 def _sampling_generator(generator, seed) -> torch.Generator:
     if generator is not None and seed is not None:
         raise InputError("pass either generator or seed, not both")
@@ -74,7 +105,7 @@ def _sampling_generator(generator, seed) -> torch.Generator:
         if seed is None:
             generator.seed()
         else:
-            generator.manual_seed(int(seed))
+            generator.manual_seed(check_seed(seed))
     elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise InputError(
             f"generator must be a CPU torch.Generator (latents are drawn on the CPU), got {generator!r}"
@@ -93,6 +124,7 @@ def sample_images(
     compile: bool = False,
     cuda_graphs: bool = False,
     bf16: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield ``num`` samples of ``model`` as uint8 CPU batches ``(b, C, L, L)``, ``b <= batch_size``.
 
@@ -118,12 +150,43 @@ def sample_images(
             them by :data:`BF16_SAMPLE_TOLERANCE` (0.01, 1 level, 5%). Deeper and wider
             models, and larger couplings, accumulate more rounding (0.018 with couplings 3x
             larger).
+        allow_nonfinite: a decoded image holding NaN or inf raises
+            :class:`NonFiniteSampleError` naming it (the default), before the batch is
+            yielded; with True such images are yielded as ``postprocess`` maps them (NaN
+            becomes 0) and :func:`write_samples` reports their indices.
 
     Runs under ``torch.inference_mode()``. Only one batch lives on the device at a time (it
     is copied to the CPU as uint8 before the next is decoded). Arguments (including the
     temperature's length and values) are checked before the first batch is drawn, when
     this function is called.
     """
+    if not isinstance(allow_nonfinite, bool):
+        raise InputError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+    batches = _checked_batches(model, num, batch_size, temperature, generator, seed, progress, compile, cuda_graphs, bf16)
+    return _stop_at_non_finite(batches, temperature) if not allow_nonfinite else (images for images, _ in batches)
+
+
+def _non_finite_message(indices, temperature) -> str:
+    shown = ", ".join(str(i) for i in indices[:8]) + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
+    return (
+        f"sampling gave NaN or inf in {len(indices)} image(s) (index {shown}) at temperature {temperature!r}; "
+        "nothing was written. The model or the sampler failed numerically: try a lower temperature, "
+        "or allow them (sample --allow-nonfinite) to write them with their indices reported"
+    )
+
+
+def _stop_at_non_finite(batches, temperature):
+    start = 0
+    for images, finite in batches:
+        if not bool(finite.all()):
+            bad = (start + torch.nonzero(~finite).flatten()).tolist()
+            raise NonFiniteSampleError(_non_finite_message(bad, temperature), bad)
+        start += images.shape[0]
+        yield images
+
+
+def _checked_batches(model, num, batch_size, temperature, generator, seed, progress, compile, cuda_graphs, bf16):
+    """Check the arguments (now) and return the generator of ``(uint8 images, finite (b,) bool)`` batches."""
     num = _check_positive_int("num", num)
     batch_size = _check_positive_int("batch_size", batch_size)
     for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs), ("bf16", bf16)):
@@ -136,7 +199,8 @@ def sample_images(
         raise InputError(f"bf16 sampling needs a float32 model, got parameters of dtype {param.dtype}")
 
     def decode(z):
-        return postprocess(model.decode(z))
+        x = model.decode(z)
+        return postprocess(x), torch.isfinite(x).flatten(1).all(dim=1)
 
     if compile or cuda_graphs:
         from .compile import compile_function
@@ -158,8 +222,8 @@ def _sample_batches(model, decode, num, batch_size, temperature, generator, prog
         with torch.inference_mode():
             return model.sample_latents(count, temperature, generator=generator, device="cpu", dtype=latent_dtype)
 
+    z_next = draw(0)  # before the bar: a batch too large for memory fails without one
     with tqdm(total=num, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
-        z_next = draw(0)
         for i in range(len(starts)):
             z = z_next
             count = z.shape[0]
@@ -167,12 +231,13 @@ def _sample_batches(model, decode, num, batch_size, temperature, generator, prog
                 z = z.to(device=param.device, dtype=param.dtype)
                 if pad and count < batch_size:  # one shape for the compiled decoder
                     z = torch.cat([z, z.new_zeros((batch_size - count,) + tuple(z.shape[1:]))])
-                images = decode(z)[:count]
+                images, finite = decode(z)
+                images, finite = images[:count], finite[:count]
             # Draw the next latents on the CPU while the device decodes (CUDA runs asynchronously).
             z_next = draw(starts[i + 1]) if i + 1 < len(starts) else None
-            images = images.cpu()
+            images, finite = images.cpu(), finite.cpu()
             bar.update(count)
-            yield images
+            yield images, finite
 
 
 def check_writable(path) -> Path:
@@ -186,9 +251,7 @@ def check_writable(path) -> Path:
         raise file_error(errno.EISDIR, f"cannot write {str(path)!r}: it is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+        os.unlink(create_temporary(path, suffix=".probe"))
     except OSError as error:
         raise file_error(
             error.errno, f"cannot write {str(path)!r}: its folder {str(path.parent)!r} is not writable ({error.strerror or error})"
@@ -201,13 +264,6 @@ def _write_error(path: Path, error: OSError) -> OSError:
     return file_error(error.errno, f"cannot write {str(path)!r}: {error.strerror or error}; nothing was written there")
 
 
-def _usual_permissions(path) -> None:
-    """Give a temporary file (mode 0600) the mode a plain ``open`` would (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 class _NpyStream:
     """Writes one uint8 array ``images`` of known shape into an ``.npz`` batch by batch.
 
@@ -218,8 +274,8 @@ class _NpyStream:
     def __init__(self, path: Path, shape):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
+        remove_orphans(self.path.parent, self.path.name)  # of a sampling run killed earlier
+        self.tmp = create_temporary(self.path)  # mode 0666 less the umask, as a plain open
         self.shape = tuple(shape)
         self.written = 0
         try:
@@ -252,7 +308,8 @@ class _NpyStream:
             self.member.close()
             self.zip.close()
             if ok and self.written == self.shape[0]:
-                _usual_permissions(self.tmp)
+                with open(self.tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
                 os.replace(self.tmp, self.path)
                 replaced = True
         except BaseException:
@@ -279,6 +336,7 @@ def write_samples(
     compile: bool = False,
     cuda_graphs: bool = False,
     bf16: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict:
     """Sample ``num`` images and write them: a PNG grid of the first ``grid_size`` and/or all as ``.npz``.
 
@@ -290,18 +348,25 @@ def write_samples(
         The rest as for :func:`sample_images`.
 
     Without ``npz`` only the first ``grid_size`` images are drawn.
-    Output folders are checked for writing before anything is sampled
+    Output folders are checked for writing, and the grid's size against
+    :data:`rgkern.tools.plots.MAX_GRID_PIXELS`, before anything is sampled
     (:func:`check_writable`); a disk that fills up while writing raises ``OSError`` naming
-    the file, and no partial file is left (nor an existing one replaced).
-    Returns ``{"png": Path | None, "npz": Path | None, "num": images drawn}``.
+    the file, and no partial file is left (nor an existing one replaced). An image with NaN
+    or inf raises :class:`NonFiniteSampleError` and nothing is written, unless
+    ``allow_nonfinite``: then everything is written and the indices are returned.
+    Returns ``{"png": Path | None, "npz": Path | None, "num": images drawn, "nonfinite":
+    [indices of images with NaN or inf]}``.
     """
     if png is None and npz is None:
         raise InputError("give png and/or npz: there is nowhere to write the samples")
     grid_size = _check_positive_int("grid_size", grid_size)
-    batches = sample_images(
-        model, num, batch_size, temperature, generator=generator, seed=seed, progress=progress,
-        compile=compile, cuda_graphs=cuda_graphs, bf16=bf16,
+    if not isinstance(allow_nonfinite, bool):
+        raise InputError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+    batches = _checked_batches(
+        model, num, batch_size, temperature, generator, seed, progress, compile, cuda_graphs, bf16,
     )
+    if png is not None:
+        check_grid_size(min(grid_size, num), model.channels, model.image_size, model.image_size, nrow=nrow, scale=scale)
     png = None if png is None else check_writable(png)
     npz = None if npz is None else check_writable(npz)
     shape = (num, model.channels, model.image_size, model.image_size)
@@ -311,9 +376,15 @@ def write_samples(
         raise _write_error(npz, error) from error
     grid: list[torch.Tensor] = []
     kept = drawn = 0
+    nonfinite: list[int] = []
     ok = False
     try:
-        for images in batches:
+        for images, finite in batches:
+            if not bool(finite.all()):
+                bad = (drawn + torch.nonzero(~finite).flatten()).tolist()
+                if not allow_nonfinite:
+                    raise NonFiniteSampleError(_non_finite_message(bad, temperature), bad)
+                nonfinite += bad
             drawn += images.shape[0]
             if kept < grid_size:
                 grid.append(images[: grid_size - kept])
@@ -337,9 +408,10 @@ def write_samples(
     if png is not None:  # atomically, like the .npz: a failed write leaves an older grid as it was
         pictures = torch.cat(grid)
 
-        def write_png(tmp):
-            save_image_grid(pictures, tmp, nrow=nrow, scale=scale)
-            _usual_permissions(tmp)
-
-        atomic_write(png, write_png)
-    return {"png": None if png is None else Path(png), "npz": None if npz is None else Path(npz), "num": drawn}
+        save_image_grid(pictures, png, nrow=nrow, scale=scale)  # atomic: see rgkern.tools.plots
+    return {
+        "png": None if png is None else Path(png),
+        "npz": None if npz is None else Path(npz),
+        "num": drawn,
+        "nonfinite": nonfinite,
+    }

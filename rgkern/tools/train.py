@@ -59,11 +59,11 @@ Speed and scale
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +74,10 @@ from ..core.errors import InputError, InputFileExistsError, InputFileNotFoundErr
 from ..core.model import RGFlow
 from ..core.preprocess import bits_per_dim, preprocess
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, repair_sidecar, save_checkpoint
 from .compile import compile_function
 from .distributed import DistributedContext
-from .files import atomic_write
+from .files import atomic_write, create_temporary, describe_holder, remove_orphans, run_lock
 from .presets import PRESETS, TrainConfig
 
 __all__ = [
@@ -175,14 +175,19 @@ def build_model(config: TrainConfig, image_size: int, channels: int) -> RGFlow:
 def check_output_folder(out) -> Path:
     """Create ``out`` if needed and check that a file can be written there; returns it as a Path.
 
-    Raises ``PermissionError`` naming the folder when it cannot be created or written.
+    Raises ``PermissionError`` naming the folder when it cannot be created or written (also
+    when it, or a folder above it, is a file).
     """
     out = Path(out)
+    for place in (out, *out.parents):
+        if place.exists() and not place.is_dir():
+            what = "is a file" if place == out else f"is inside {str(place)!r}, which is a file"
+            raise InputPermissionError(f"output folder {str(out)!r} is not writable: it {what}; choose another one")
+        if place.exists():
+            break
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        os.unlink(create_temporary(out / ".write-test", suffix=".probe"))
     except OSError as error:
         reason = error.strerror or str(error)
         raise InputPermissionError(f"output folder {str(out)!r} is not writable ({reason}); choose another one") from None
@@ -575,10 +580,50 @@ def _train(config, out, resume, overwrite, progress, log, time_limit, context, d
     local_batch = dist_utils.check_global_batch_size(config.batch_size, context.world_size)
     if config.cuda_graphs and device.type != "cuda":
         raise InputError(f"cuda_graphs needs a CUDA device, got device {str(device)!r}; drop --cuda-graphs (--compile works on the CPU)")
-    out = check_output_folder(out)
-    checkpoint = out / CHECKPOINT_NAME
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other")
+    out = check_output_folder(out)
+    # Only rank 0 writes, so only it holds the folder's lock (run_lock is re-entrant: the
+    # command line holds it too, around the pictures it writes afterwards).
+    with run_lock(out) if main else contextlib.nullcontext() as lock:
+        if main:
+            _tidy_run_folder(out, lock, log)
+        return _train_in_folder(config, out, resume, overwrite, progress, log, time_limit, context, start, local_batch)
+
+
+def _tidy_run_folder(out: Path, lock, log) -> None:
+    """What a run killed in ``out`` left: report its lock, remove its temporary files, fix ``model.json``."""
+    if lock.stale:
+        log(f"{str(out)!r}: the previous run there ({describe_holder(lock.stale)}) ended without releasing its lock; taking over")
+    removed = remove_orphans(out, legacy=True)
+    if removed:
+        size = sum(size for _, size in removed)
+        log(f"removed {len(removed)} temporary file(s) of an interrupted write ({size / 2**20:.1f} MiB): "
+            + ", ".join(path.name for path, _ in removed))
+    if repair_sidecar(out / CHECKPOINT_NAME):
+        log(f"{str(out / 'model.json')!r} did not match {CHECKPOINT_NAME} (a write was interrupted); rewritten from it")
+
+
+def _load_split(config, split: str, progress: bool) -> torch.Tensor:
+    """The images of ``split``; a size larger than the data names the setting and where it came from."""
+    from ..data.base import SizeTooLargeError
+
+    key = "train_size" if split == "train" else "test_size"
+    size = getattr(config, key)
+    try:
+        return load_images(config.data, config.data_root, split, size, progress)
+    except SizeTooLargeError as error:
+        preset = PRESETS.get(config.preset or "", {})
+        source = f"the default of preset {config.preset!r}" if preset.get(key) == size else "as given"
+        raise InputError(
+            f"the {split} split of {config.data!r} has {error.available} images, but the run asks for {key}={size} "
+            f"({source}); pass --{key.replace('_', '-')} {error.available} (or less), or more data"
+        ) from None
+
+
+def _train_in_folder(config, out, resume, overwrite, progress, log, time_limit, context, start, local_batch) -> TrainResult:
+    main = context.is_main
+    checkpoint = out / CHECKPOINT_NAME
     if resume and not checkpoint.exists():
         raise InputFileNotFoundError(f"cannot resume: {str(checkpoint)!r} does not exist")
     if checkpoint.exists() and not (resume or overwrite):
@@ -596,8 +641,8 @@ def _train(config, out, resume, overwrite, progress, log, time_limit, context, d
     ordered = context.enabled and config.data_root is not None
     if ordered and not main:
         dist_utils.barrier(context)
-    train_images = load_images(config.data, config.data_root, "train", config.train_size, progress)
-    test_images = load_images(config.data, config.data_root, "test", config.test_size, progress)
+    train_images = _load_split(config, "train", progress)
+    test_images = _load_split(config, "test", progress)
     if ordered and main:
         dist_utils.barrier(context)
     model = build_model(config, image_size=train_images.shape[-1], channels=train_images.shape[1])
