@@ -275,3 +275,60 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert main(["scale-mix", *common, "--out", str(tmp_path / "s.png"), "--cut", "-1"]) == 2
     assert "rgkern scale-mix: error: cut -1 is out of range; expected an int in 0..3" in capsys.readouterr().err
     assert not any(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "command, extra, frames",
+    [
+        ("traverse", ["--level", "0", "--channel", "1", "--values", "-1", "0", "1"], 3),
+        ("traverse", ["--level", "2"], 7),  # the default values
+        ("progressive", [], 3 + 1),  # h = H .. 0
+    ],
+)
+def test_cli_gif_has_one_frame_per_value_or_step(checkpoint, tmp_path, command, extra, frames):
+    import numpy as np
+
+    from rgkern.tools.plots import GROUP_LABEL_HEIGHT
+
+    out, gif = tmp_path / f"{command}.png", tmp_path / f"{command}.gif"
+    argv = [command, "--checkpoint", str(checkpoint), "--out", str(out), "--num", "2", "--scale", "2", "--no-progress"]
+    assert main(argv + extra + ["--gif", str(gif), "--frame-ms", "200"]) == 0
+    with Image.open(out) as image:
+        picture = np.asarray(image.convert("RGB"))
+    width, height = grid_size(1, 2)  # each frame: the 2 images side by side, under its label
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.is_animated and image.n_frames == frames
+        assert image.size == (width, height + GROUP_LABEL_HEIGHT)
+        assert image.info["duration"] == 200 and image.info["loop"] == 0
+        for t in range(frames):
+            image.seek(t)
+            frame = np.asarray(image.convert("RGB"))[GROUP_LABEL_HEIGHT:]
+            # Frame t holds column t of the PNG (its rows side by side); the few colours of these
+            # pictures fit the GIF palette exactly.
+            cell = 9 * 2  # (L + padding) * scale
+            for row in range(2):
+                expected = picture[2 + row * cell : (row + 1) * cell, 2 + t * cell : (t + 1) * cell]
+                assert np.array_equal(frame[2 : cell, 2 + row * cell : (row + 1) * cell], expected), (t, row)
+
+
+def test_cli_progressive_gif_on_msds1_test_images_ends_with_the_original(tmp_path):
+    from rgkern.tools.plots import GROUP_LABEL_HEIGHT
+
+    model = tiny_model(L=32, C=3, k=4, dtype=torch.float32)
+    path = save_checkpoint(tmp_path / "run" / "model.safetensors", model)
+    gif = tmp_path / "progressive.gif"
+    argv = ["progressive", "--checkpoint", str(path.parent), "--out", str(tmp_path / "p.png"), "--data", "msds1", "--num", "1"]
+    assert main(argv + ["--scale", "1", "--gif", str(gif), "--no-progress"]) == 0
+    with Image.open(gif) as image:
+        assert image.n_frames == model.num_levels + 2  # h = H .. 0, then the original
+        assert image.size == (34, 34 + GROUP_LABEL_HEIGHT)  # one 32x32 image, padding 1
+
+
+def test_cli_gif_must_be_a_gif_and_writable(checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "t.png"), "--no-progress"]
+    assert main(["traverse", *common, "--gif", str(tmp_path / "t.png.anim")]) == 2
+    assert "--gif takes a file name ending in .gif" in capsys.readouterr().err
+    (tmp_path / "folder.gif").mkdir()
+    assert main(["progressive", *common, "--gif", str(tmp_path / "folder.gif")]) == 2
+    assert "it is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "t.png").exists()  # refused before any work

@@ -7,7 +7,7 @@ import torch
 
 from rgkern.tools.checkpoint import CheckpointError, load_checkpoint
 from rgkern.core.model import default_n_layers
-from rgkern.tools.presets import PRESETS, TrainConfig, make_config, preset_names
+from rgkern.tools.presets import PRESETS, TrainConfig, make_config, preset_names, resume_config
 from rgkern.tools.train import (
     CHECKPOINT_NAME,
     HISTORY_NAME,
@@ -17,6 +17,8 @@ from rgkern.tools.train import (
     build_model,
     evaluate_bpd,
     load_images,
+    quality_kind,
+    sample_quality,
     train,
 )
 
@@ -98,6 +100,51 @@ def test_evaluation_is_deterministic_and_independent_of_batch_size(images):
     assert c == pytest.approx(a, rel=1e-6)
 
 
+# ----------------------------------------------------------------------------- quality score
+def test_msds_runs_record_the_samples_quality_score_without_changing_the_run(tmp_path, images):
+    from rgkern.tools.quality import msds_quality
+    from rgkern.tools.sampling import sample_images
+
+    config = tiny(steps=4, eval_every=2, checkpoint_every=100, sample_temperatures=[1.0, [0.5, 0.6, 0.7, 0.8]])
+    scored = trainer(config, images, tmp_path / "scored")
+    scored.fit(progress=False)
+    plain = trainer(config, images, tmp_path / "plain")
+    plain.quality_kind = None
+    plain.fit(progress=False)
+    assert_same_state(scored.model, plain.model)  # sampling touches no training state
+    assert [e["test_bpd"] for e in scored.history] == [e["test_bpd"] for e in plain.history]
+    assert all("quality" not in e for e in plain.history)
+    assert [list(e["quality"]) for e in scored.history] == [["1", "0.5,0.6,0.7,0.8"]] * 3
+    # The last entry is the score of QUALITY_SAMPLES samples of the final model at the fixed seed.
+    last = scored.history[-1]["quality"]
+    assert last == sample_quality(scored.model, 1, [1.0, [0.5, 0.6, 0.7, 0.8]])
+    samples = torch.cat(list(sample_images(scored.model, 64, temperature=1.0, seed=20_200_102, progress=False)))
+    assert last["1"] == msds_quality(samples, kind=1) and last["1"]["images"] == 64
+
+
+def test_quality_kind_is_for_msds_images_only():
+    assert quality_kind("msds1") == 1 and quality_kind("MSDS2") == 2
+    assert quality_kind("cifar10") is None and quality_kind("folder") is None
+    assert quality_kind("msds1", (1, 32, 32)) is None and quality_kind("msds2", (3, 32, 32)) == 2
+
+
+def test_sample_temperatures_and_the_single_sample_temperature():
+    assert tiny().picture_temperatures == [1.0, 0.7]
+    assert tiny(sample_temperature=0.8).picture_temperatures == [0.8]  # the setting before there were several
+    assert tiny(sample_temperatures=[0.5, [1.0, 0.2, 0.2, 0.2]]).picture_temperatures == [0.5, [1.0, 0.2, 0.2, 0.2]]
+    # A run saved with one temperature keeps it on resume, unless new temperatures are given.
+    saved = tiny(sample_temperature=0.8).to_dict()
+    assert resume_config(saved).picture_temperatures == [0.8]
+    assert resume_config(saved, sample_temperatures=[1.0, 0.3]).picture_temperatures == [1.0, 0.3]
+    old = tiny().to_dict()
+    old.pop("sample_temperatures")
+    old["sample_temperature"] = 1.0  # as saved before this setting existed
+    assert resume_config(old).picture_temperatures == [1.0]
+    for bad in ([], 0.7, [1.0] * 9):
+        with pytest.raises(ValueError, match="sample_temperatures must be a list of 1 to 8"):
+            tiny(sample_temperatures=bad)
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_is_bit_identical(tmp_path, images):
     steps = 3
@@ -123,6 +170,8 @@ def test_resume_is_bit_identical(tmp_path, images):
     assert [e["step"] for e in second.history] == [0, 2, 3, 4, 6]
     held_out = {e["step"]: e["test_bpd"] for e in second.history}
     assert all(held_out[e["step"]] == e["test_bpd"] for e in straight.history)
+    quality = {e["step"]: e["quality"] for e in second.history}  # the samples' score too
+    assert all(quality[e["step"]] == e["quality"] for e in straight.history)
 
 
 def test_resume_through_train_continues_the_run(tmp_path):
@@ -274,6 +323,7 @@ def test_presets():
         (dict(steps=1.5), "steps must be a positive int"),
         (dict(model={"image_size": 64}), "taken from the data"),
         (dict(sample_temperature=[1.0, 1.0]), "expected one per RG level"),
+        (dict(sample_temperatures=[1.0, [1.0, 1.0]]), "expected one per RG level"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, overrides, message):

@@ -104,6 +104,29 @@ def _save_rows(images: torch.Tensor, args) -> Path:
     return path
 
 
+def _save_gif(images: torch.Tensor, labels, args) -> Path:
+    """Model-space images ``(rows, frames, C, L, L)`` (finite: :func:`_save_rows` checked them) as an animated GIF at ``args.gif``.
+
+    Frame ``t`` shows column ``t`` of every row, as a grid, under ``labels[t]``.
+    """
+    from ..tools.plots import save_gif
+
+    frames = [postprocess(images[:, t].cpu()) for t in range(images.shape[1])]
+    path = save_gif(frames, args.gif, labels=list(labels), scale=args.scale, duration=args.frame_ms)
+    print(f"wrote {path} ({len(frames)} frames of {images.shape[0]} images)")
+    return path
+
+
+def _check_gif(args) -> None:
+    """Check that ``--gif`` can be written, before any work (a file name ending in .gif)."""
+    from ..tools.sampling import check_writable
+
+    if args.gif is not None:
+        if not str(args.gif).lower().endswith(".gif"):
+            raise InputError(f"--gif takes a file name ending in .gif, got {args.gif!r}")
+        check_writable(args.gif)
+
+
 def run_receptive_fields(args) -> int:
     model, generator = _load(args)
     z = _inputs(args, model, generator, args.num)
@@ -121,6 +144,7 @@ def run_receptive_fields(args) -> int:
 
 
 def run_traverse(args) -> int:
+    _check_gif(args)
     model, generator = _load(args)
     level = check_level(model, model.num_levels - 1 if args.level is None else args.level)
     channel = check_channel(model, args.channel)
@@ -131,6 +155,8 @@ def run_traverse(args) -> int:
     which = "all channels" if channel is None else f"channel {channel}"
     print(f"traversed the level-{level} latent at position {position}, {which}, values {values}")
     _save_rows(images, args)
+    if args.gif is not None:
+        _save_gif(images, [f"level {level} latent {position}: {value:g}" for value in values], args)
     return 0
 
 
@@ -158,13 +184,24 @@ def run_scale_mix(args) -> int:
 
 
 def run_progressive(args) -> int:
+    _check_gif(args)
     model, generator = _load(args)
     inputs = _inputs(args, model, generator, args.num)
     columns = progressive_generation(model, inputs)
+    H = model.num_levels
+    labels = ["all latents 0"] + [f"levels >= {h} kept" for h in range(H - 1, 0, -1)] + ["all levels"]
     if args.data:
         columns = torch.cat([columns, as_model_space(model, inputs, "images")[:, None]], dim=1)
+        labels.append("original")
     _save_rows(columns, args)
+    if args.gif is not None:
+        _save_gif(columns, labels, args)
     return 0
+
+
+def _gif_options(parser: argparse.ArgumentParser, frames: str) -> None:
+    parser.add_argument("--gif", default=None, metavar="OUT.gif", help=f"also write an animated GIF, one frame per {frames}")
+    parser.add_argument("--frame-ms", type=positive_int, default=500, help="milliseconds per GIF frame (default 500)")
 
 
 def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -> None:
@@ -212,6 +249,7 @@ def add_cli(subparsers) -> None:
                    help="pixel position of the latent (default: the level's strongest receptive field on these images)")
     p.add_argument("--channel", type=int, default=None, help="latent channel (default: all C channels together)")
     p.add_argument("--values", type=float, nargs="+", default=None, help="latent values (default -3 -2 ... 3)")
+    _gif_options(p, "latent value (every image of the picture at that value)")
     p.set_defaults(func=run_traverse)
 
     p = subparsers.add_parser(
@@ -242,4 +280,5 @@ def add_cli(subparsers) -> None:
         "original when --data is given.",
     )
     _options(p, 6, "encode these test images (e.g. msds1) instead of prior samples")
+    _gif_options(p, "step (column of the picture)")
     p.set_defaults(func=run_progressive)

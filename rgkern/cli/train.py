@@ -43,7 +43,8 @@ def _add_train(subparsers) -> None:
         "train",
         help="train a model (writes checkpoint, history, bits/dim plot and samples)",
         description="Train RG-Flow by maximum likelihood. Settings left out come from the preset (with --resume, from the run being continued). "
-        "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png, OUT/samples.png and OUT/data.png (training images, for comparison).",
+        "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png, OUT/samples.png and OUT/data.png (training images, for comparison). "
+        "On MSDS data it records the samples' quality score (rgkern.tools.quality) at every evaluation and prints it at the end beside the data's.",
     )
     parser.add_argument(
         "--preset", default=None,
@@ -80,11 +81,20 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--seed", type=seed, default=None, help="seed of initialisation, data order and noise, 0 .. 2**63 - 1 (default 0)")
     parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
     parser.add_argument("--test-size", type=positive_int, default=None, help="held-out bits/dim on the first N test images")
-    parser.add_argument("--sample-temperature", default=None, help="temperature of OUT/samples.png: a float or one per RG level, comma-separated")
-    parser.add_argument("--num-samples", type=positive_int, default=64, help="images in OUT/samples.png (default 64)")
+    temperatures = parser.add_mutually_exclusive_group()
+    temperatures.add_argument(
+        "--sample-temperatures", nargs="+", default=None, metavar="T",
+        help="temperatures of OUT/samples.png, one labelled row group each, and of the MSDS quality score; "
+        "each a float or one per RG level, comma-separated (default: 1.0 0.7)",
+    )
+    temperatures.add_argument("--sample-temperature", default=None, help="one temperature only, instead of --sample-temperatures")
+    parser.add_argument("--num-samples", type=positive_int, default=64, help="images per temperature in OUT/samples.png (default 64)")
     add_common_options(parser)
     parser.set_defaults(func=run_train)
 
+
+#: Samples per temperature (and data images) of the quality score printed at the end of training.
+FINAL_QUALITY_SAMPLES = 256
 
 _PER_LEVEL_OPTIONS = (("n_layers", 0), ("hidden", 1), ("n_res", 1), ("n_mlp", 0))  # name, smallest entry
 
@@ -144,6 +154,7 @@ def run_train(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     temperature = None if args.sample_temperature is None else parse_temperature(args.sample_temperature)
+    temperatures = None if args.sample_temperatures is None else [parse_temperature(t) for t in args.sample_temperatures]
     out = Path(args.out) if args.out else Path("runs") / (args.preset or "cpu")
     # With --resume, settings left out come from the run being continued (its checkpoint).
     saved = None
@@ -176,6 +187,7 @@ def run_train(args) -> int:
         train_size=args.train_size,
         test_size=args.test_size,
         sample_temperature=temperature,
+        sample_temperatures=temperatures,
     )
     config = resume_config(saved, **settings) if saved is not None else make_config(args.preset or "cpu", **settings)
     preset = config.preset or "cpu"
@@ -195,20 +207,30 @@ def run_train(args) -> int:
 
 def _train_and_write(args, config, out: Path, time_limit) -> int:
     from ..tools.plots import plot_history, save_image_grid
-    from ..tools.sampling import write_samples
-    from ..tools.train import load_images, train
+    from ..tools.quality import format_quality, msds_quality
+    from ..tools.sampling import write_sample_groups
+    from ..tools.train import load_images, quality_kind, sample_quality, train
 
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
-    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {config.preset or 'cpu'}")
-    write_samples(
-        result.model, num=args.num_samples, png=out / "samples.png", temperature=config.sample_temperature,
-        seed=config.seed, progress=not args.no_progress,
-    )
+    temperatures = config.picture_temperatures
+    model = result.model
+    kind = quality_kind(config.data, (model.channels, model.image_size, model.image_size))
+    reference = None
+    if kind is not None:  # the data's quality score, beside the samples' (in bpd.png and printed)
+        reference = msds_quality(load_images(config.data, root=config.data_root, split="test", size=FINAL_QUALITY_SAMPLES, progress=False), kind)
+    plot_history(result.history, out / "bpd.png", title=f"{config.data}, preset {config.preset or 'cpu'}", reference=reference)
+    write_sample_groups(result.model, out / "samples.png", temperatures, num=args.num_samples, seed=config.seed, progress=not args.no_progress)
     # The training data beside the samples, so a person can compare them at a glance.
     data = load_images(config.data, root=config.data_root, split="train", size=args.num_samples, progress=False)
     save_image_grid(data, out / "data.png", scale=2)  # the scale of samples.png
     first, last = result.history[0], result.history[-1]
     print(f"wrote {result.checkpoint}, {out / 'history.json'}, {out / 'bpd.png'}, {out / 'samples.png'}, {out / 'data.png'}")
+    if kind is not None:
+        scores = sample_quality(result.model, kind, temperatures, num=FINAL_QUALITY_SAMPLES)
+        print(f"MSDS{kind} quality score of {FINAL_QUALITY_SAMPLES} images (rgkern.tools.quality):")
+        print(f"  {'data (test split)':<22} {format_quality(reference)}")
+        for label, score in scores.items():
+            print(f"  {'samples, T=' + label:<22} {format_quality(score)}")
     print(
         f"held-out bits/dim: {first['test_bpd']:.4f} at step {first['step']} -> {last['test_bpd']:.4f} at step {last['step']} "
         f"({len(result.history)} evaluations, {result.seconds:.0f} s)"

@@ -17,7 +17,7 @@ import torch
 from ..core.errors import InputError, InputTypeError
 from .files import atomic_write
 
-__all__ = ["image_grid", "save_image_grid", "plot_history", "check_grid_size", "MAX_GRID_PIXELS"]
+__all__ = ["image_grid", "save_image_grid", "save_image_groups", "save_gif", "plot_history", "check_grid_size", "MAX_GRID_PIXELS", "GROUP_LABEL_HEIGHT"]
 
 #: The largest picture :func:`save_image_grid` writes: 2**26 pixels (8192 x 8192), below
 #: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 million), so
@@ -112,19 +112,125 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 1, paddi
     return path
 
 
-def plot_history(history, path, title: str | None = None) -> Path:
+#: Height in pixels of the label strip above each group of :func:`save_image_groups`.
+GROUP_LABEL_HEIGHT = 18
+
+
+def _label_strip(text: str, width: int, channels: int) -> np.ndarray:
+    """uint8 ``(channels, GROUP_LABEL_HEIGHT, width)``: ``text`` in white on dark grey, Pillow's default font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    strip = Image.new("L", (width, GROUP_LABEL_HEIGHT), 40)
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # a Pillow older than 10.1: the bitmap font, which has one size
+        font = ImageFont.load_default()
+    ImageDraw.Draw(strip).text((4, 2), text, fill=255, font=font)
+    return np.repeat(np.asarray(strip)[None], channels, axis=0)
+
+
+def save_image_groups(groups, labels, path, nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128) -> Path:
+    """Write groups of uint8 images, each under a text label, as one PNG, the groups top to bottom; returns the path.
+
+    ``groups``: a sequence of uint8 ``(N_i, C, H, W)`` (C = 1 or 3, the same C, H, W in
+    all); ``labels``: one str per group. Each group is the grid :func:`save_image_grid`
+    writes (``nrow``, ``scale``, ``padding``, ``pad_value``) under a strip of
+    :data:`GROUP_LABEL_HEIGHT` pixels holding its label; a group narrower than the widest
+    is filled out on the right with ``pad_value``. So the picture is as wide as the widest
+    grid and as high as the grids plus one strip per group. Written atomically.
+    """
+    from PIL import Image
+
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise InputError("groups must be a non-empty list of uint8 image batches (N, C, H, W)")
+    if not isinstance(labels, (list, tuple)) or len(labels) != len(groups) or not all(isinstance(t, str) for t in labels):
+        raise InputError(f"labels must be one str per group ({len(groups)}), got {labels!r}")
+    shapes = {tuple(_as_uint8_array(images).shape[1:]) for images in groups}
+    if len(shapes) != 1:
+        raise InputError(f"every group must hold images of one shape (C, H, W), got {sorted(shapes)}")
+    grids = []
+    for images in groups:
+        shape = _as_uint8_array(images).shape
+        check_grid_size(shape[0], shape[1], shape[2], shape[3], nrow=nrow, scale=scale, padding=padding)
+        grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+        grids.append(grid.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else grid)
+    width = max(grid.shape[2] for grid in grids)
+    height = sum(grid.shape[1] + GROUP_LABEL_HEIGHT for grid in grids)
+    if width * height > MAX_GRID_PIXELS:
+        raise InputError(f"the picture would be {width} x {height} pixels, more than the limit of {MAX_GRID_PIXELS:,}; use a smaller scale or fewer images")
+    channels = grids[0].shape[0]
+    rows = []
+    for grid, text in zip(grids, labels):
+        rows.append(_label_strip(text, width, channels))
+        filled = np.full((channels, grid.shape[1], width), pad_value, dtype=np.uint8)
+        filled[:, :, : grid.shape[2]] = grid
+        rows.append(filled)
+    picture = np.concatenate(rows, axis=1)
+    image = Image.fromarray(picture[0]) if channels == 1 else Image.fromarray(np.ascontiguousarray(picture.transpose(1, 2, 0)))
+    path = Path(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
+
+
+def save_gif(frames, path, labels=None, nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128,
+             duration: int = 500) -> Path:
+    """Write an animated GIF, one frame per uint8 batch ``(N, C, H, W)`` of ``frames``, looping forever; returns the path.
+
+    Each frame is the grid :func:`save_image_grid` writes of its batch (``nrow``, ``scale``,
+    ``padding``, ``pad_value``; every batch of one shape), under a label strip of
+    :data:`GROUP_LABEL_HEIGHT` pixels when ``labels`` (one str per frame) is given.
+    ``duration``: milliseconds per frame. Written atomically. Pillow merges a frame that
+    equals the one before it into that one (adding its duration, so the animation looks the
+    same); with ``labels`` that differ, every frame is kept.
+    """
+    from PIL import Image
+
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise InputError("frames must be a non-empty list of uint8 image batches (N, C, H, W)")
+    if labels is not None and (not isinstance(labels, (list, tuple)) or len(labels) != len(frames) or not all(isinstance(t, str) for t in labels)):
+        raise InputError(f"labels must be None or one str per frame ({len(frames)}), got {labels!r}")
+    if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
+        raise InputError(f"duration must be a positive int (milliseconds per frame), got {duration!r}")
+    shapes = {tuple(_as_uint8_array(batch).shape) for batch in frames}
+    if len(shapes) != 1:
+        raise InputError(f"every frame must hold images of one shape (N, C, H, W), got {sorted(shapes)}")
+    (n, channels, height, width), = shapes
+    check_grid_size(n, channels, height, width, nrow=nrow, scale=scale, padding=padding)
+    pictures = []
+    for index, batch in enumerate(frames):
+        grid = image_grid(batch, nrow=nrow, padding=padding, pad_value=pad_value)
+        grid = grid.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else grid
+        if labels is not None:
+            grid = np.concatenate([_label_strip(labels[index], grid.shape[2], channels), grid], axis=1)
+        pictures.append(Image.fromarray(grid[0]) if channels == 1 else Image.fromarray(np.ascontiguousarray(grid.transpose(1, 2, 0))))
+    first, rest = pictures[0], pictures[1:]
+    path = Path(path)
+    atomic_write(path, lambda tmp: first.save(
+        tmp, format="GIF", save_all=True, append_images=rest, duration=duration, loop=0, optimize=False, disposal=1,
+    ))
+    return path
+
+
+def plot_history(history, path, title: str | None = None, reference: dict | None = None) -> Path:
     """Plot training and held-out bits/dim against the step and save it (PNG); returns the path.
 
     ``history`` is a list of dicts with ``step``, ``train_bpd`` and ``test_bpd`` (either
     bits/dim may be ``None``, e.g. the held-out value before the first step has no training
-    value), as written by :class:`rgkern.tools.train.Trainer`.
+    value), as written by :class:`rgkern.tools.train.Trainer`. The picture is 600 x 400
+    pixels; when entries hold an MSDS quality score (``"quality"``: ``{temperature label:
+    score}``, see :mod:`rgkern.tools.quality`) a second panel beside it, 1200 x 400 in all,
+    shows the samples' oval-sized blobs (%), blobs per image and colour spread (and the
+    orientation spread for MSDS2) against the step, one line style per temperature, with
+    ``reference`` (the data's score) as dotted lines.
     """
     from matplotlib.figure import Figure
 
     if not isinstance(history, (list, tuple)) or not all(isinstance(e, dict) and "step" in e for e in history):
         raise InputError("history must be a list of dicts with 'step', 'train_bpd' and 'test_bpd'")
-    figure = Figure(figsize=(6, 4), dpi=100)
-    axes = figure.subplots()
+    with_quality = any(e.get("quality") for e in history)
+    figure = Figure(figsize=(12 if with_quality else 6, 4), dpi=100)
+    panels = figure.subplots(1, 2 if with_quality else 1, squeeze=False)[0]
+    axes = panels[0]
     for key, label, style in (("train_bpd", "training (mean since previous point)", "-"), ("test_bpd", "held-out", "o-")):
         points = [(e["step"], e[key]) for e in history if e.get(key) is not None]
         if points:
@@ -137,7 +243,45 @@ def plot_history(history, path, title: str | None = None) -> Path:
         axes.legend()
     if title:
         axes.set_title(title)
+    if with_quality:
+        _plot_quality(panels[1], history, reference)
     figure.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     return path
+
+
+# (key, label, colour, factor): oval_fraction is drawn in percent.
+_QUALITY_LINES = (
+    ("oval_fraction", "oval-sized blobs (%)", "tab:green", 100.0),
+    ("blobs_per_image", "blobs per image", "tab:purple", 1.0),
+    ("colour_spread", "colour spread (0-255)", "tab:red", 1.0),
+    ("orientation_spread", "orientation spread (degrees)", "tab:orange", 1.0),
+)
+_TEMPERATURE_STYLES = ("o-", "s--", "^:", "v-.", "D-", "x--", "+:", "*-.")
+
+
+def _plot_quality(axes, history, reference) -> None:
+    labels = []
+    for entry in history:
+        for label in entry.get("quality") or {}:
+            if label not in labels:
+                labels.append(label)
+    for key, name, colour, factor in _QUALITY_LINES:
+        for number, label in enumerate(labels):
+            points = [
+                (e["step"], factor * e["quality"][label][key])
+                for e in history
+                if (e.get("quality") or {}).get(label, {}).get(key) is not None
+            ]
+            if points:
+                steps, values = zip(*points)
+                style = _TEMPERATURE_STYLES[number % len(_TEMPERATURE_STYLES)]
+                axes.plot(steps, values, style, color=colour, markersize=3, label=f"{name}, T={label}")
+        if reference and reference.get(key) is not None:
+            axes.axhline(factor * reference[key], color=colour, linestyle=":", linewidth=1, label=f"{name}, data")
+    axes.set_xlabel("step")
+    axes.set_ylabel("value")
+    axes.set_title("samples (MSDS quality score; dotted: the data)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=6, ncol=2)

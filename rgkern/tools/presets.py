@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 
 from ..core.errors import InputError, InputTypeError
 
-__all__ = ["PRESETS", "DTYPES", "TrainConfig", "make_config", "resume_config", "preset_names"]
+__all__ = ["PRESETS", "DTYPES", "DEFAULT_SAMPLE_TEMPERATURES", "MAX_SAMPLE_TEMPERATURES", "TrainConfig", "make_config", "resume_config", "preset_names"]
 
 #: The parameter dtypes a run can train in (``TrainConfig.dtype``).
 DTYPES = ("float32", "float64")
+#: The default ``TrainConfig.sample_temperatures``: 1 and a lower one, as flow papers show samples.
+DEFAULT_SAMPLE_TEMPERATURES = (1.0, 0.7)
+#: At most this many sample temperatures (row groups of samples.png).
+MAX_SAMPLE_TEMPERATURES = 8
 
 # RGFlow keyword arguments (image_size and channels come from the data) and training
 # settings. "paper" is the paper's CelebA/CIFAR model (appendix A), "paper-msds" its MSDS
@@ -110,8 +114,12 @@ class TrainConfig:
     ``torch.compile`` the model's ``log_prob`` (fullgraph); ``cuda_graphs``: the same with
     ``mode="reduce-overhead"`` (CUDA graphs; CUDA only, implies ``compile``). ``batch_size``
     is the global batch under torchrun (split over the processes). ``device``:
-    ``None`` picks CUDA when available, else the CPU. ``sample_temperature``: for the sample
-    grid the CLI writes at the end (a float or one per RG level).
+    ``None`` picks CUDA when available, else the CPU. ``sample_temperatures``: the
+    temperatures (each a float or one per RG level) of the sample grid the CLI writes at the
+    end, one row group each, and of the MSDS quality score recorded at every evaluation
+    (:mod:`rgkern.tools.quality`). ``sample_temperature``: one temperature instead of them
+    (the setting before there were several; ``None``: use ``sample_temperatures``);
+    :attr:`picture_temperatures` is the list that applies.
     """
 
     model: dict = field(default_factory=dict)
@@ -136,7 +144,8 @@ class TrainConfig:
     cuda_graphs: bool = False
     activation_checkpointing: bool = False
     device: str | None = None
-    sample_temperature: float | list = 1.0
+    sample_temperature: float | list | None = None
+    sample_temperatures: list = field(default_factory=lambda: list(DEFAULT_SAMPLE_TEMPERATURES))
 
     def __post_init__(self):
         def positive_int(name, allow_none=False):
@@ -170,6 +179,18 @@ class TrainConfig:
         for key in ("image_size", "channels"):
             if key in self.model:
                 raise InputError(f"model must not set {key!r}: it is taken from the data")
+        temperatures = self.sample_temperatures
+        if not isinstance(temperatures, (list, tuple)) or not 1 <= len(temperatures) <= MAX_SAMPLE_TEMPERATURES:
+            raise InputError(
+                f"sample_temperatures must be a list of 1 to {MAX_SAMPLE_TEMPERATURES} temperatures "
+                f"(each a float or one per RG level), got {temperatures!r}"
+            )
+        self.sample_temperatures = list(temperatures)
+
+    @property
+    def picture_temperatures(self) -> list:
+        """The temperatures of the sample grid and of the quality score: ``[sample_temperature]`` when it is set, else ``sample_temperatures``."""
+        return list(self.sample_temperatures) if self.sample_temperature is None else [self.sample_temperature]
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -216,5 +237,7 @@ def resume_config(saved: dict, **overrides) -> TrainConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise InputError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
+    if overrides.get("sample_temperatures") is not None:  # they replace the saved single temperature
+        settings.pop("sample_temperature", None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**settings)

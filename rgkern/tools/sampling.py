@@ -31,13 +31,15 @@ import torch
 
 from ..core.errors import InputError, InputTypeError, file_error
 from .files import create_temporary, remove_orphans
-from .plots import check_grid_size, save_image_grid
+from .plots import check_grid_size, save_image_grid, save_image_groups
 from ..core.preprocess import postprocess
 
 __all__ = [
     "sample_images",
     "write_samples",
     "parse_temperature",
+    "temperature_label",
+    "write_sample_groups",
     "check_writable",
     "check_seed",
     "NonFiniteSampleError",
@@ -80,6 +82,16 @@ def parse_temperature(text: str):
             f"temperature must be a number or a comma-separated list of numbers (one per RG level), got {text!r}"
         ) from None
     return values[0] if len(values) == 1 else values
+
+
+def temperature_label(temperature) -> str:
+    """A temperature as text: ``1.0`` -> ``"1"``, ``[0.2, 0.6, 0.6, 0.6]`` -> ``"0.2,0.6,0.6,0.6"``.
+
+    The inverse of :func:`parse_temperature` up to float formatting (``:g``); the keys of a
+    training history's quality scores and the labels of :func:`write_sample_groups`.
+    """
+    values = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+    return ",".join(f"{float(value):g}" for value in values)
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -415,3 +427,31 @@ def write_samples(
         "num": drawn,
         "nonfinite": nonfinite,
     }
+
+
+def write_sample_groups(model, png, temperatures, num: int = 64, seed: int = 0, nrow: int | None = None, scale: int = 2,
+                        batch_size: int = 256, progress: bool = True) -> dict:
+    """Sample ``num`` images at each of ``temperatures`` and write them as one PNG, a labelled row group per temperature.
+
+    Every temperature decodes the same latents drawn with ``seed`` (the priors are scale
+    families, so the groups show the same samples hotter and colder, as flow papers do).
+    The groups run top to bottom in the order given, each under the label ``"temperature
+    T"`` (:func:`temperature_label`); layout as in :func:`rgkern.tools.plots.save_image_groups`.
+    Temperatures, the folder and the picture's size are checked before anything is
+    sampled; a decode that gives NaN or inf raises :class:`NonFiniteSampleError` and writes
+    nothing. Returns ``{"png": Path, "images": {label: uint8 (num, C, L, L)}}``.
+    """
+    if not isinstance(temperatures, (list, tuple)) or not temperatures:
+        raise InputError(f"temperatures must be a non-empty list (each a float or one per RG level), got {temperatures!r}")
+    num = _check_positive_int("num", num)
+    for temperature in temperatures:
+        model.temperature_map(temperature, device="cpu")
+    check_grid_size(num, model.channels, model.image_size, model.image_size, nrow=nrow, scale=scale)
+    png = check_writable(png)
+    groups = [
+        torch.cat(list(sample_images(model, num, batch_size=batch_size, temperature=t, seed=seed, progress=progress)))
+        for t in temperatures
+    ]
+    labels = [temperature_label(t) for t in temperatures]
+    save_image_groups(groups, [f"temperature {label}" for label in labels], png, nrow=nrow, scale=scale)
+    return {"png": Path(png), "images": dict(zip(labels, groups))}
