@@ -33,7 +33,9 @@ def paint(image, rows, cols, colour):
 def test_msds1_data_scores_like_the_issue_figures(msds1):
     score = msds_quality(msds1, kind=1)
     # The issue measured 89% oval-sized blobs, 14.3 blobs per image, colour spread 28.
-    assert score["images"] == 256 and set(score) == {"images", "blobs", "blobs_per_image", "oval_fraction", "colour_spread"}
+    assert score["images"] == 256
+    assert set(score) == {"images", "blobs", "blobs_per_image", "specks_per_image", "oval_fraction", "colour_spread"}
+    assert score["specks_per_image"] == 0  # no lone bright pixels in MSDS1
     assert 0.85 < score["oval_fraction"] < 0.93
     assert 13.5 < score["blobs_per_image"] < 15.0
     assert 25 < score["colour_spread"] < 32
@@ -65,14 +67,18 @@ def test_known_blobs_exact_counts_sizes_and_colours():
     paint(images[1], slice(0, 2), slice(0, 5), (100, 100, 100))
     paint(images[1], slice(2, 4), slice(5, 10), (160, 120, 40))
     images[1, :, 0, 5] = BRIGHT_THRESHOLD - 1
-    # Image 2: nothing bright, but not zero either.
+    # Image 2: nothing bright, but not zero either; then three lone bright pixels (specks),
+    # one bright in green only, and a 2-pixel blob, the smallest there is.
     images[2] = BRIGHT_THRESHOLD - 1
+    images[2, :, 5, 5] = images[2, 1, 9, 20] = images[2, :, 30, 0] = 255
+    images[2, :, 20, 3:5] = BRIGHT_THRESHOLD
     labels = label_blobs(images.max(axis=1) >= BRIGHT_THRESHOLD)
     sizes = [sorted(np.unique(labels[i][labels[i] >= 0], return_counts=True)[1].tolist()) for i in range(3)]
-    assert sizes == [[4, 12, 30], [10, 10], []]
+    assert sizes == [[4, 12, 30], [10, 10], [1, 1, 1, 2]]
     score = msds_quality(images, kind=1)
-    assert score["blobs"] == 5 and score["blobs_per_image"] == pytest.approx(5 / 3, rel=1e-12)
-    assert score["oval_fraction"] == pytest.approx(3 / 5, rel=1e-12)
+    assert score["blobs"] == 6 and score["blobs_per_image"] == pytest.approx(6 / 3, rel=1e-12)
+    assert score["specks_per_image"] == pytest.approx(3 / 3, rel=1e-12)
+    assert score["oval_fraction"] == pytest.approx(3 / 6, rel=1e-12)
     # Only image 1 holds two oval-sized blobs: RMS distance of (100,100,100) and (160,120,40)
     # from their mean is half the distance between them.
     expected = 0.5 * math.dist((100, 100, 100), (160, 120, 40))
@@ -170,6 +176,7 @@ def test_noise_has_few_oval_sized_blobs(msds1):
     data, noise = msds_quality(msds1), msds_quality(specks)
     assert noise["oval_fraction"] < 0.2 < 0.85 < data["oval_fraction"]
     assert noise["blobs_per_image"] > 2 * data["blobs_per_image"]
+    assert noise["specks_per_image"] > 50 and data["specks_per_image"] == 0
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -257,6 +257,7 @@ _QUALITY_LINES = (
     ("blobs_per_image", "blobs per image", "tab:purple", 1.0),
     ("colour_spread", "colour spread (0-255)", "tab:red", 1.0),
     ("orientation_spread", "orientation spread (degrees)", "tab:orange", 1.0),
+    ("specks_per_image", "lone bright pixels per image", "tab:gray", 1.0),
 )
 _TEMPERATURE_STYLES = ("o-", "s--", "^:", "v-.", "D-", "x--", "+:", "*-.")
 
