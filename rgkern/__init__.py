@@ -8,7 +8,8 @@ Subpackages, one layer each, each importing only the layers below it (README, "L
 ``kernels/``; of rgkern they use only ``core.precision``), ``core`` (geometry, reference
 ops, autograd Functions, backend dispatch, the model, priors, preprocessing, errors),
 ``locality`` (cone plans, incremental passes, region decoding, inpainting), ``tools``
-(presets, training, compile, sampling, explainability, checkpoints, distributed, plots)
+(presets, training, compile, sampling, explainability, checkpoints, distributed, plots,
+the MSDS quality score)
 and ``cli`` (the command line). ``data`` (the datasets) is a leaf that tools and cli use;
 of rgkern it imports only ``core.errors``. This module re-exports the public API;
 ``rgkern.inpaint`` here is the function (the module is ``rgkern.locality.inpaint``).
@@ -29,6 +30,7 @@ from .tools.explain import (
     scale_mix,
     traverse,
 )
+from .tools.quality import msds_quality
 
 from . import checkpoint  # rgkern.checkpoint.load_authors_checkpoint etc. (DESIGN.md section 6)
 
@@ -53,6 +55,7 @@ __all__ = [
     "mixed_temperature_grid",
     "scale_mix",
     "progressive_generation",
+    "msds_quality",
     "load_model",
     "load_authors_checkpoint",
     "authors_state_dict",

@@ -3,7 +3,7 @@
 ``presets`` (training presets and ``TrainConfig``), ``train`` (the trainer),
 ``compile`` (the ``torch.compile`` helper training and sampling share), ``sampling``,
 ``explain``, ``checkpoint``, ``files`` (atomic writes, run-folder locks), ``distributed``
-(torchrun / DDP) and ``plots``.
+(torchrun / DDP), ``plots`` and ``quality`` (the MSDS quality score of images).
 
 Imports :mod:`rgkern.core`, :mod:`rgkern.locality` and :mod:`rgkern.data`; never the
 command line.
