@@ -85,7 +85,8 @@ from .compile import compile_function
 from .distributed import DistributedContext
 from .files import atomic_write, create_temporary, describe_holder, remove_orphans, run_lock
 from .presets import PRESETS, TrainConfig
-from .sampling import temperature_label
+from .quality import msds_quality
+from .sampling import sample_images, temperature_label
 
 __all__ = [
     "make_optimizer",
@@ -273,9 +274,6 @@ def sample_quality(model, kind: int, temperatures, num: int = QUALITY_SAMPLES, s
     draw for every temperature and call, so the figures are deterministic); images whose
     decode is not finite count as they come out of :func:`rgkern.postprocess` (NaN as 0).
     """
-    from .quality import msds_quality
-    from .sampling import sample_images
-
     scores = {}
     for temperature in temperatures:
         batches = sample_images(model, num, batch_size=num, temperature=temperature, seed=seed, progress=False, allow_nonfinite=True)
