@@ -33,9 +33,14 @@ def images():
 
 @pytest.fixture(scope="module")
 def model():
-    """A small model with random (not identity) couplings, on the CPU in float32."""
+    """A small model with random (not identity) couplings, on the CPU in float32.
+
+    PyTorch's initialisation, the one BF16_SAMPLE_TOLERANCE was measured on (the authors',
+    3x wider, the paper variant's default since the initialisation study, rounds more: see
+    sample_images' docstring).
+    """
     torch.manual_seed(0)
-    model = rgkern.RGFlow(image_size=32, channels=3, kernel_size=4, n_layers=2, hidden=8, n_res=1, n_mlp=1, backend="torch")
+    model = rgkern.RGFlow(image_size=32, channels=3, kernel_size=4, n_layers=2, hidden=8, n_res=1, n_mlp=1, backend="torch", init="torch")
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.parameters():

@@ -81,7 +81,7 @@ def test_authors_variant_equals_the_independent_oracle(L, C, k):
 
 def test_authors_initialisation():
     torch.manual_seed(0)
-    nets = rgkern.RGFlow(32, 3, 4, n_layers=1, hidden=512, n_res=1, n_mlp=1, variant="authors").sublayers[0].networks
+    nets = rgkern.RGFlow(32, 3, 4, n_layers=1, hidden=512, n_res=1, n_mlp=1, init="authors").sublayers[0].networks
     v, b = nets.directions[0].detach(), nets.biases[0].detach()  # 48 -> 512
     assert float(v.std()) == pytest.approx(math.sqrt(2.81 / 48), rel=0.02)  # uniform +-sqrt(2.81 * 3 / fan_in)
     assert float(v.abs().max()) <= math.sqrt(2.81 * 3 / 48)
@@ -232,3 +232,12 @@ def test_region_plans_of_the_two_variants_of_one_size_are_not_shared():
 def test_design_api_name_is_the_same_function():
     """DESIGN.md section 6 names rgkern.checkpoint.load_authors_checkpoint."""
     assert facade_loader is load_authors_checkpoint is rgkern.load_authors_checkpoint
+
+
+def test_each_variant_defaults_to_the_initialisation_that_learned_faster():
+    """README, "Initialisation": the authors' for the paper variant, PyTorch's for the authors' variant."""
+    small = dict(image_size=8, channels=1, kernel_size=4, n_layers=1, hidden=4, n_res=1, n_mlp=1)
+    assert rgkern.RGFlow(**small).init == "authors"
+    assert rgkern.RGFlow(**small, variant="authors").init == "torch"
+    assert rgkern.RGFlow(**small, variant="authors", init="authors").init == "authors"
+    assert bool((rgkern.RGFlow(**small).sublayers[0].networks.biases[0] == 0).all())  # the authors' zero biases
