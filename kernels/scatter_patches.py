@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import row_launch_shape, wrap_triton
+from .launch import launch_kernel, row_launch_shape
 
 __all__ = [
     "patch_block",
@@ -58,7 +58,9 @@ def launch_patch_kernel(kernel, tensors, n_rows: int, row_index: torch.Tensor, i
     """
     num_patches, dim = row_index.shape
     width, block_rows, programs = row_launch_shape(n_rows, dim)
-    wrap_triton(kernel)[(programs,)](
+    launch_kernel(
+        kernel,
+        (programs,),
         *tensors,
         n_rows,
         num_patches,
