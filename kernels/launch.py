@@ -27,6 +27,7 @@ __all__ = [
     "row_launch_shape",
     "GPU_TILE_ELEMENTS",
     "INTERPRETER_TILE_ELEMENTS",
+    "MAX_BLOCK_ROWS",
     "gpu_block_sizes",
     "launch_kernel",
     "record_launches",
@@ -37,6 +38,10 @@ __all__ = [
 # Elements of one row-wise tile on a GPU: 16 per thread at 4 warps, several programs per SM
 # even for small batches.
 GPU_TILE_ELEMENTS = 2048
+# Rows of a tile on a GPU at most: its per-row values (int64 row offsets, masks, log-dets) grow
+# with the rows, so narrow rows (D = 4) would cost more registers per element; at 512 rows of
+# 4 the bfloat16 coupling backward spills 8 bytes on sm_80 (Triton 3.9), at 256 nothing does.
+MAX_BLOCK_ROWS = 256
 # Elements of a tile under the interpreter, where every program costs Python overhead.
 INTERPRETER_TILE_ELEMENTS = 16384
 
@@ -84,12 +89,13 @@ def rows_per_block(block_width: int, tile_elements: int = GPU_TILE_ELEMENTS) -> 
     Depends on the row width only (not on the number of rows) so that ``torch.compile``
     with dynamic batch sizes does not specialise on it. On a GPU a tile holds about
     ``tile_elements`` values (a kernel whose values take two registers each, such as the
-    float64 coupling, asks for fewer so as not to spill); in the interpreter
-    ``INTERPRETER_TILE_ELEMENTS`` whatever is asked, unless inside :func:`gpu_block_sizes`.
+    float64 coupling, asks for fewer so as not to spill), in at most ``MAX_BLOCK_ROWS`` rows;
+    in the interpreter ``INTERPRETER_TILE_ELEMENTS`` whatever is asked, unless inside
+    :func:`gpu_block_sizes`.
     """
     if interpreter_requested() and _gpu_block_requests == 0:
-        tile_elements = INTERPRETER_TILE_ELEMENTS
-    return max(1, tile_elements // block_width)
+        return max(1, INTERPRETER_TILE_ELEMENTS // block_width)
+    return max(1, min(MAX_BLOCK_ROWS, tile_elements // block_width))
 
 
 def row_launch_shape(n_rows: int, dim: int, tile_elements: int = GPU_TILE_ELEMENTS) -> tuple[int, int, int]:
