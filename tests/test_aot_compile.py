@@ -111,9 +111,9 @@ def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
 
 
 @triton.jit
-def dtype_changing_loop_kernel(out_ptr, n):
+def dtype_changing_loop_kernel(out_ptr, STEPS: tl.constexpr):
     total = 0  # an int32 ...
-    for _ in range(n):
+    for _ in range(STEPS):  # a loop for the compiler too (tl.static_range would unroll it)
         total += 0.5  # ... that becomes a float32 in the loop: the interpreter does not mind
     tl.store(out_ptr, total)
 
@@ -122,7 +122,7 @@ def dtype_changing_loop_kernel(out_ptr, n):
 def test_compiling_catches_what_the_interpreter_runs():
     out = torch.zeros(1)
     with record_launches() as launches:
-        launch_kernel(dtype_changing_loop_kernel, (1,), out, 5)
+        launch_kernel(dtype_changing_loop_kernel, (1,), out, STEPS=5)
     assert out.item() == 2.5  # the interpreter ran it
     results = aot.compile_launches(launches, aot.ARCHITECTURES)
     assert len(results) == len(aot.ARCHITECTURES)
