@@ -41,8 +41,8 @@ TANH_SERIES_LIMIT = {torch.float64: 0.04, torch.float32: 0.25}
 
 # Elements of a tile on a GPU, by accumulator dtype. A float64 value takes two registers, so
 # float64 tiles hold half as many (the same registers per tile): at 2,048 the float64 backward
-# needs more than the 255 registers a thread has and spills 136-176 bytes per thread, the
-# forward uses 240 (measured with scripts/compile_kernels.py; bench/RESULTS.md).
+# needs more than the 255 registers a thread has and spills 96-216 bytes per thread, the
+# forward uses 238-252 (sm_80 and sm_90, Triton 3.6 and 3.9; bench/RESULTS.md).
 TILE_ELEMENTS = {torch.float32: GPU_TILE_ELEMENTS, torch.float64: GPU_TILE_ELEMENTS // 2}
 
 
