@@ -6,11 +6,11 @@ With the checkerboard ``mask`` ``m`` (1 on the conditioning half), ``keep = 1 - 
     forward:  y = m*x + keep * (x * exp(s) + t),    logdet =  sum_d keep * s
     inverse:  y = m*x + keep * (x - t) * exp(-s),   logdet = -sum_d keep * s
 
-One program handles a block of rows ``(BLOCK_ROWS, BLOCK_DIM)``; the per-row log-det is
-reduced inside the program (float32, float64 for float64 data). The backward kernel
-produces the gradients wrt ``x``, ``s_raw``, ``t_raw`` and, per program, partial sums over
-its rows of the ``s_scale``/``t_scale`` gradients; the host sums the partials with
-``torch.sum`` (deterministic: no atomics).
+One program handles a block of rows ``(BLOCK_ROWS, BLOCK_DIM)`` (half as many rows for
+float64: ``TILE_ELEMENTS``); the per-row log-det is reduced inside the program (float32,
+float64 for float64 data). The backward kernel produces the gradients wrt ``x``, ``s_raw``,
+``t_raw`` and, per program, partial sums over its rows of the ``s_scale``/``t_scale``
+gradients; the host sums the partials with ``torch.sum`` (deterministic: no atomics).
 
 All math runs in float32 for float32/float16/bfloat16 data and in float64 for float64 data.
 ``tanh`` is built from ``tl.exp`` (libdevice ``tanh`` is not portable: it is missing in the
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from rgkern.core.precision import accumulator_dtype
 
-from .launch import row_launch_shape, wrap_triton
+from .launch import GPU_TILE_ELEMENTS, launch_kernel, row_launch_shape
 
 __all__ = [
     "affine_coupling_fwd_kernel",
@@ -31,12 +31,19 @@ __all__ = [
     "affine_coupling_forward",
     "affine_coupling_backward",
     "TANH_SERIES_LIMIT",
+    "TILE_ELEMENTS",
 ]
 
 # |a| below which tanh(a) uses its Taylor polynomial to a**9 (truncation 0.0089 |a|**10 relative):
 # 0.25 keeps float32 at ~1e-8, 0.04 keeps float64 at ~1e-16; above it, the exp formula loses at
 # most ~eps / |a| to cancellation.
 TANH_SERIES_LIMIT = {torch.float64: 0.04, torch.float32: 0.25}
+
+# Elements of a tile on a GPU, by accumulator dtype. A float64 value takes two registers, so
+# float64 tiles hold half as many (the same registers per tile): at 2,048 the float64 backward
+# needs more than the 255 registers a thread has and spills 96-216 bytes per thread, the
+# forward uses 238-252 (sm_80 and sm_90, Triton 3.6 and 3.9; bench/RESULTS.md).
+TILE_ELEMENTS = {torch.float32: GPU_TILE_ELEMENTS, torch.float64: GPU_TILE_ELEMENTS // 2}
 
 
 @triton.jit
@@ -213,8 +220,10 @@ def affine_coupling_forward(
     else:
         y, logdet = out
     if n_rows > 0:
-        width, block_rows, programs = row_launch_shape(n_rows, dim)
-        wrap_triton(affine_coupling_fwd_kernel)[(programs,)](
+        width, block_rows, programs = row_launch_shape(n_rows, dim, TILE_ELEMENTS[acc])
+        launch_kernel(
+            affine_coupling_fwd_kernel,
+            (programs,),
             x,
             s_raw,
             t_raw,
@@ -263,11 +272,13 @@ def affine_coupling_backward(
         grad_x, grad_s_raw, grad_t_raw = (torch.empty_like(x) for _ in range(3))
     else:
         grad_x, grad_s_raw, grad_t_raw = out
-    width, block_rows, programs = row_launch_shape(n_rows, dim)
+    width, block_rows, programs = row_launch_shape(n_rows, dim, TILE_ELEMENTS[acc])
     partial_s_scale = torch.zeros((max(programs, 1), dim), dtype=acc, device=x.device)
     partial_t_scale = torch.zeros((max(programs, 1), dim), dtype=acc, device=x.device)
     if n_rows > 0:
-        wrap_triton(affine_coupling_bwd_kernel)[(programs,)](
+        launch_kernel(
+            affine_coupling_bwd_kernel,
+            (programs,),
             grad_y,
             grad_logdet,
             x,

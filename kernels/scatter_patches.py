@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import row_launch_shape, wrap_triton
+from .launch import GPU_TILE_ELEMENTS, launch_kernel, row_launch_shape
 
 __all__ = [
     "patch_block",
@@ -28,7 +28,15 @@ __all__ = [
     "scatter_patches_forward",
     "scatter_patches_backward",
     "scatter_rows_into",
+    "TILE_ELEMENTS",
 ]
+
+# Elements of a patch kernel's tile on a GPU. Beside the values a tile holds their int64 image
+# indices, and a scatter moves both through a layout conversion before its store; at 2,048
+# elements ptxas spills 4-8 bytes per thread in a few specialisations (Triton 3.6 and 3.9,
+# sm_80 and sm_90), at 1,024 in none (scripts/compile_kernels.py). These kernels only move
+# memory: twice the programs also fill a GPU at half the batch.
+TILE_ELEMENTS = GPU_TILE_ELEMENTS // 2
 
 
 @triton.jit
@@ -54,11 +62,14 @@ def launch_patch_kernel(kernel, tensors, n_rows: int, row_index: torch.Tensor, i
     """Launch a patch kernel over ``n_rows`` rows: ``kernel(*tensors, n_rows, P, image_numel, DIM=D, ...)``.
 
     ``row_index`` is the ``(P, D)`` table; the block sizes and the grid come from
-    :func:`~rgkern.kernels.launch.row_launch_shape`. The caller skips empty launches.
+    :func:`~rgkern.kernels.launch.row_launch_shape` with tiles of ``TILE_ELEMENTS``. The
+    caller skips empty launches.
     """
     num_patches, dim = row_index.shape
-    width, block_rows, programs = row_launch_shape(n_rows, dim)
-    wrap_triton(kernel)[(programs,)](
+    width, block_rows, programs = row_launch_shape(n_rows, dim, TILE_ELEMENTS)
+    launch_kernel(
+        kernel,
+        (programs,),
         *tensors,
         n_rows,
         num_patches,

@@ -1,0 +1,124 @@
+"""Compile every Triton kernel specialisation the model launches, for sm_80 and sm_90, without a GPU.
+
+Usage: ``python scripts/compile_kernels.py [--arch 80 90] [--markdown FILE]``.
+
+Records the kernel launches of small models run under Triton's CPU interpreter, with the
+block sizes a GPU would use (:func:`rgkern.kernels.launch.gpu_block_sizes`): encode, decode
+and a training forward + backward, in float32, float64 and bfloat16 (a bfloat16 model: under
+``--bf16`` autocast the kernels see float32 data), for C = 1 and 3, k = 2 and 4, L = 8 and 16
+(``--sizes``: patch counts per sublayer of 1, 4 and multiples of 16, which is all a kernel
+specialises on; larger L only adds launches) and batches 1, 3 and 16 (row counts of 1, not
+divisible by 16, and divisible by 16). Then compiles each distinct
+specialisation (:mod:`rgkern.kernels.aot`) and prints a table: registers, spills, shared
+memory and compile time per specialisation and architecture, then a summary.
+
+Exits with 1 when a compile fails or a float32/bfloat16 kernel spills; float64 spills are
+reported. Triton's version decides what is checked: run it under each Triton that matters
+(3.6 on the GPU machines, the newest release).
+"""
+import os
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: record on the CPU
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import rgkern  # noqa: E402
+from rgkern.kernels import aot  # noqa: E402
+from rgkern.kernels.launch import gpu_block_sizes, record_launches  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+SIZES = (8, 16)
+BATCHES = (1, 3, 16)
+
+
+def random_model(image_size: int, channels: int, kernel_size: int, dtype: torch.dtype, device) -> rgkern.RGFlow:
+    """A one-block-per-sublayer model on the Triton backend whose couplings are not the identity."""
+    torch.manual_seed(0)
+    model = rgkern.RGFlow(image_size=image_size, channels=channels, kernel_size=kernel_size, n_layers=1, hidden=8,
+                          n_res=1, n_mlp=1, backend="triton")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("s_scale", "t_scale")):
+                param.normal_(0, 0.5)
+    return model.to(device, dtype)
+
+
+def record_passes(model: rgkern.RGFlow, batches=BATCHES) -> list:
+    """Distinct launches of encode, decode and a training forward + backward at each batch size.
+
+    Recorded with a GPU's block sizes (:func:`~rgkern.kernels.launch.gpu_block_sizes`).
+    """
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(1)
+    shape = (model.channels, model.image_size, model.image_size)
+    with record_launches() as launches, gpu_block_sizes():
+        for batch in batches:
+            x = torch.randn((batch, *shape), generator=generator, dtype=torch.float64).to(device, dtype)
+            with torch.no_grad():
+                z, _ = model.encode(x)
+                model.decode(z)
+            model.zero_grad(set_to_none=True)
+            model.log_prob(x).sum().backward()
+    return launches
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHITECTURES), help="sm versions (80 90)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="image sizes L")
+    parser.add_argument("--device", default="cpu", help="where the models run while recording (cpu: interpreter)")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    launches = []
+    for dtype_name in args.dtypes:
+        for channels in (1, 3):
+            for kernel_size in (2, 4):
+                for size in args.sizes:
+                    if size % kernel_size or size < 2 * kernel_size:
+                        continue
+                    model = random_model(size, channels, kernel_size, DTYPES[dtype_name], args.device)
+                    launches.extend(record_passes(model))
+    recorded = time.perf_counter() - start
+    print(f"recorded {len(launches)} distinct launches in {recorded:.0f} s; compiling", file=sys.stderr, flush=True)
+    results = aot.compile_launches(launches, args.arch, progress=True)
+    compiled = time.perf_counter() - start - recorded
+
+    table = aot.format_results(results)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+
+    failed = [r for r in results if not r.ok]
+    narrow_spills = [r for r in results if r.ok and r.spills and "fp64" not in r.pointer_dtypes]
+    wide_spills = [r for r in results if r.ok and r.spills and "fp64" in r.pointer_dtypes]
+    per_kernel = collections.Counter((r.kernel, r.arch) for r in results)
+    seconds = [r.seconds for r in results]
+    print()
+    print(f"Triton {triton.__version__}: {len(results)} specialisations compiled for sm_{', sm_'.join(map(str, args.arch))} "
+          f"in {compiled:.0f} s ({min(seconds):.2f} to {max(seconds):.2f} s each); recording took {recorded:.0f} s")
+    for (kernel, arch), count in sorted(per_kernel.items()):
+        group = [r for r in results if (r.kernel, r.arch) == (kernel, arch) and r.ok]
+        registers = [r.registers for r in group]
+        spilled = max((r.spill_stores or 0 for r in group), default=0)
+        print(f"  {kernel} sm_{arch}: {count} specialisations, {min(registers, default=0)}-{max(registers, default=0)} "
+              f"registers, spill stores up to {spilled} B")
+    print(f"failed: {len(failed)}; float32/bfloat16 specialisations that spill: {len(narrow_spills)}; "
+          f"float64 ones that spill: {len(wide_spills)}")
+    return 1 if failed or narrow_spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The kernels the model launches compile for sm_80 and sm_90, checked without a GPU.
+
+Launches are recorded from tiny models run with a GPU's block sizes, then compiled by
+Triton's NVIDIA pipeline down to cubin (:mod:`rgkern.kernels.aot`). This is a fast subset:
+a few specialisations per kernel and dtype; ``scripts/compile_kernels.py`` compiles them all.
+"""
+import importlib
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from rgkern.kernels import aot, launch as launch_helpers
+from rgkern.kernels.affine_coupling import affine_coupling_forward
+from rgkern.kernels.launch import GPU_TILE_ELEMENTS, gpu_block_sizes, launch_kernel, record_launches
+
+from utils import random_images, tiny_model
+
+INTERPRETED = launch_helpers.interpreter_requested()
+KERNEL_MODULES = ["rgkern.kernels.gather_patches", "rgkern.kernels.scatter_patches", "rgkern.kernels.affine_coupling"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def all_kernels() -> set:
+    """Names of the launchable kernels (``*_kernel``) in the kernel modules."""
+    names = set()
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        names |= {name for name in dir(module) if name.endswith("_kernel") and hasattr(getattr(module, name), "fn")}
+    return names
+
+
+def record_model(dtype, device) -> list:
+    """Launches of a training forward + backward and a decode of a tiny model (L=8, C=3, k=4, D=48)."""
+    model = tiny_model(8, 3, 4, dtype=dtype, backend="triton").to(device)
+    x = random_images(model, batch=3).to(device)
+    with record_launches() as launches, gpu_block_sizes():
+        model.log_prob(x).sum().backward()
+        with torch.no_grad():
+            model.decode(x)
+    return launches
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {dtype: record_model(dtype, device) for dtype in DTYPES}
+
+
+def constants(launch) -> dict:
+    return dict(launch.kwargs)
+
+
+def test_recording_sees_every_kernel_with_gpu_block_sizes(recorded):
+    for dtype, launches in recorded.items():
+        assert {launch.name for launch in launches} == all_kernels(), dtype
+        for launch in launches:
+            tile = constants(launch)["BLOCK_ROWS"] * constants(launch)["BLOCK_DIM"]
+            full_tile = launch.name.startswith("affine_coupling") and dtype != torch.float64
+            assert tile == (GPU_TILE_ELEMENTS if full_tile else GPU_TILE_ELEMENTS // 2), (dtype, launch.name)
+        tensors = [a for launch in launches for a in launch.args if isinstance(a, launch_helpers.TensorArgument)]
+        assert {t.dtype for t in tensors} >= {dtype, torch.int64}
+
+
+def test_launches_are_recorded_once_and_still_run(device):
+    rows = torch.randn(40, 4, dtype=torch.float64, device=device)
+    ones = torch.ones(4, dtype=torch.float64, device=device)
+    with record_launches() as launches:
+        for _ in range(2):
+            y, logdet = affine_coupling_forward(rows, rows, rows, ones, ones, ones * 0)
+    assert len(launches) == 1 and launches[0].name == "affine_coupling_fwd_kernel"
+    s = torch.tanh(rows)  # mask 0: every value is updated
+    torch.testing.assert_close(y, rows * torch.exp(s) + rows, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logdet, s.sum(dim=1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="block sizes differ only under the interpreter")
+def test_gpu_block_sizes_apply_only_inside_the_context():
+    width = 64
+    interpreted = launch_helpers.rows_per_block(width)
+    with gpu_block_sizes():
+        with gpu_block_sizes():
+            assert launch_helpers.rows_per_block(width) == GPU_TILE_ELEMENTS // width
+        assert launch_helpers.rows_per_block(width, GPU_TILE_ELEMENTS // 2) == GPU_TILE_ELEMENTS // 2 // width
+    assert launch_helpers.rows_per_block(width) == interpreted == launch_helpers.INTERPRETER_TILE_ELEMENTS // width
+
+
+def subset(recorded) -> list:
+    """The first launch of each kernel and direction: all kernels in float32, the couplings in the others."""
+    chosen = {}
+    for dtype, launches in recorded.items():
+        for launch in launches:
+            if dtype == torch.float32 or launch.name.startswith("affine_coupling"):
+                chosen.setdefault((dtype, launch.name, constants(launch).get("INVERSE")), launch)
+    return list(chosen.values())
+
+
+def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
+    launches = subset(recorded)
+    results = aot.compile_launches(launches, aot.ARCHITECTURES)
+    assert len(results) >= len(launches) * len(aot.ARCHITECTURES)
+    assert [r.error for r in results if not r.ok] == []
+    assert {(r.kernel, r.arch) for r in results} == {(k, a) for k in all_kernels() for a in aot.ARCHITECTURES}
+    for r in results:
+        assert 0 < r.registers <= 255 and r.seconds > 0, r
+        # float64 included: its coupling tile is sized so that it does not spill either
+        assert not r.spills, f"{r.kernel} sm_{r.arch} {r.arguments}: {r.spill_stores} B spilled"
+    float64 = [r for r in results if "fp64" in r.pointer_dtypes]
+    assert float64 and max(r.registers for r in float64) < 255
+
+
+@triton.jit
+def dtype_changing_loop_kernel(out_ptr, STEPS: tl.constexpr):
+    total = 0  # an int32 ...
+    for _ in range(STEPS):  # a loop for the compiler too (tl.static_range would unroll it)
+        total += 0.5  # ... that becomes a float32 in the loop: the interpreter does not mind
+    tl.store(out_ptr, total)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs the interpreter to show what it accepts")
+def test_compiling_catches_what_the_interpreter_runs():
+    out = torch.zeros(1)
+    with record_launches() as launches:
+        launch_kernel(dtype_changing_loop_kernel, (1,), out, STEPS=5)
+    assert out.item() == 2.5  # the interpreter ran it
+    results = aot.compile_launches(launches, aot.ARCHITECTURES)
+    assert len(results) == len(aot.ARCHITECTURES)
+    for result in results:
+        assert not result.ok and "Loop-carried variable total" in result.error, result.error
+
+
+def test_parse_ptxas_log():
+    log = """ptxas info    : Compiling entry function 'affine_coupling_bwd_kernel' for 'sm_80'
+ptxas info    : Function properties for affine_coupling_bwd_kernel
+    264 bytes stack frame, 260 bytes spill stores, 268 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 264 bytes cumulative stack size, 480 bytes cmem[0]
+"""
+    assert aot.parse_ptxas_log(log) == {"registers": 255, "stack": 264, "spill_stores": 260, "spill_loads": 268}
+    assert aot.parse_ptxas_log("ptxas-blackwell info    : Used 40 registers, used 0 barriers")["spill_stores"] == 0
+    assert aot.parse_ptxas_log("no log") == {}
