@@ -17,7 +17,7 @@ import torch
 from ..core.errors import InputError, InputTypeError
 from .files import atomic_write
 
-__all__ = ["image_grid", "save_image_grid", "save_image_groups", "save_gif", "plot_history", "check_grid_size", "MAX_GRID_PIXELS", "GROUP_LABEL_HEIGHT"]
+__all__ = ["as_uint8_images", "image_grid", "save_image_grid", "save_image_groups", "save_gif", "plot_history", "check_grid_size", "MAX_GRID_PIXELS", "GROUP_LABEL_HEIGHT"]
 
 #: The largest picture :func:`save_image_grid` writes: 2**26 pixels (8192 x 8192), below
 #: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 million), so
@@ -49,7 +49,8 @@ def check_grid_size(n: int, channels: int, height: int, width: int, nrow=None, s
     return height_px * scale, width_px * scale
 
 
-def _as_uint8_array(images) -> np.ndarray:
+def as_uint8_images(images) -> np.ndarray:
+    """``images`` (uint8 tensor or array ``(N, C, H, W)``, N >= 1, C = 1 or 3) as a numpy array, or a clear error."""
     if isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8:
             raise InputTypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
@@ -72,7 +73,7 @@ def image_grid(images, nrow: int | None = None, padding: int = 1, pad_value: int
     ``nrow`` images per row (default ``ceil(sqrt(N))``), ``padding`` pixels of ``pad_value``
     between and around the images. Unused cells of the last row stay ``pad_value``.
     """
-    images = _as_uint8_array(images)
+    images = as_uint8_images(images)
     n, channels, height, width = images.shape
     nrow = math.ceil(math.sqrt(n)) if nrow is None else nrow
     if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow <= 0:
@@ -101,7 +102,7 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 1, paddi
     """
     from PIL import Image
 
-    shape = _as_uint8_array(images).shape
+    shape = as_uint8_images(images).shape
     check_grid_size(shape[0], shape[1], shape[2], shape[3], nrow=nrow, scale=scale, padding=padding)
     grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
     if scale > 1:
@@ -145,12 +146,12 @@ def save_image_groups(groups, labels, path, nrow: int | None = None, scale: int 
         raise InputError("groups must be a non-empty list of uint8 image batches (N, C, H, W)")
     if not isinstance(labels, (list, tuple)) or len(labels) != len(groups) or not all(isinstance(t, str) for t in labels):
         raise InputError(f"labels must be one str per group ({len(groups)}), got {labels!r}")
-    shapes = {tuple(_as_uint8_array(images).shape[1:]) for images in groups}
+    shapes = {tuple(as_uint8_images(images).shape[1:]) for images in groups}
     if len(shapes) != 1:
         raise InputError(f"every group must hold images of one shape (C, H, W), got {sorted(shapes)}")
     grids = []
     for images in groups:
-        shape = _as_uint8_array(images).shape
+        shape = as_uint8_images(images).shape
         check_grid_size(shape[0], shape[1], shape[2], shape[3], nrow=nrow, scale=scale, padding=padding)
         grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
         grids.append(grid.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else grid)
@@ -191,7 +192,7 @@ def save_gif(frames, path, labels=None, nrow: int | None = None, scale: int = 1,
         raise InputError(f"labels must be None or one str per frame ({len(frames)}), got {labels!r}")
     if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
         raise InputError(f"duration must be a positive int (milliseconds per frame), got {duration!r}")
-    shapes = {tuple(_as_uint8_array(batch).shape) for batch in frames}
+    shapes = {tuple(as_uint8_images(batch).shape) for batch in frames}
     if len(shapes) != 1:
         raise InputError(f"every frame must hold images of one shape (N, C, H, W), got {sorted(shapes)}")
     (n, channels, height, width), = shapes

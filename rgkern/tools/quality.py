@@ -50,9 +50,9 @@ from __future__ import annotations
 
 
 import numpy as np
-import torch
 
-from ..core.errors import InputError, InputTypeError
+from ..core.errors import InputError
+from .plots import as_uint8_images
 
 __all__ = ["msds_quality", "label_blobs", "format_quality", "BRIGHT_THRESHOLD", "MIN_BLOB_SIZE", "OVAL_SIZE", "QUALITY_KEYS"]
 
@@ -70,15 +70,7 @@ QUALITY_KEYS = {
 
 
 def _check_images(images) -> np.ndarray:
-    if isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8:
-            raise InputTypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
-        images = images.detach().cpu().numpy()
-    elif isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise InputTypeError(f"images must be uint8 (values 0..255), got dtype {images.dtype}")
-    else:
-        raise InputTypeError(f"images must be a uint8 torch.Tensor or numpy array (N, 3, 32, 32), got {type(images).__name__}")
+    images = as_uint8_images(images)
     if images.ndim != 4 or images.shape[0] == 0 or tuple(images.shape[1:]) != (3, 32, 32):
         raise InputError(f"images must have shape (N, 3, 32, 32) with N >= 1 (MSDS images), got {tuple(images.shape)}")
     return images
