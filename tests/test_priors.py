@@ -129,8 +129,10 @@ def test_inpainting_with_every_restart_non_finite_says_so(monkeypatch):
     known = torch.ones(8, 8, dtype=torch.bool)
     known[2:5, 3:6] = False
     monkeypatch.setattr(model, "sample_latents", lambda n, *a, **k: torch.full((n, 1, 8, 8), float("nan"), dtype=torch.float64))
-    with pytest.raises(FloatingPointError, match="every one of the 2 inpainting restarts"):
+    # An InputError (the CLI prints it as one line) and a FloatingPointError.
+    with pytest.raises(inpaint_module.NonFiniteRestartsError, match="every one of the 2 inpainting restarts") as caught:
         inpaint(model, x, known, steps=1, restarts=2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(caught.value, FloatingPointError) and isinstance(caught.value, ValueError)
 
 
 def test_finite_or_worst_orders_nan_last():

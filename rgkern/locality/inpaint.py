@@ -45,7 +45,7 @@ from ..core.precision import accumulator_dtype
 from .incremental import IncrementalEncoder
 from .region import decode_cone_values, region_decode_plan
 
-__all__ = ["inpaint", "InpaintResult", "InpaintProblem", "psnr", "central_known_mask"]
+__all__ = ["inpaint", "InpaintResult", "InpaintProblem", "NonFiniteRestartsError", "psnr", "central_known_mask"]
 
 
 @dataclass
@@ -131,6 +131,10 @@ class InpaintProblem:
         filled = torch.where(self._unknown_dev, generated, self.base.repeat_interleave(repeats, dim=0))
         return self.model.log_prob(filled)
 
+
+
+class NonFiniteRestartsError(InputError, FloatingPointError):
+    """Every restart of some image ended NaN or inf; a smaller lr or fewer steps usually helps."""
 
 
 def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
@@ -270,7 +274,7 @@ def inpaint(
             final = _finite_or_worst(problem.log_prob(free).view(nb, restarts))
             best = final.argmax(dim=1)
             if not bool(torch.isfinite(final.gather(1, best[:, None])).all()):
-                raise FloatingPointError(
+                raise NonFiniteRestartsError(
                     f"every one of the {restarts} inpainting restarts of some image ended non-finite "
                     f"(lr={lr}, steps={steps}); try a smaller lr or fewer steps"
                 )
