@@ -132,6 +132,23 @@ def test_training_pass_kernel_count(paper_structured):
     assert work.syncs == 0
 
 
+def test_authors_variant_training_pass_kernel_count():
+    """The tied (s, t) pairs of variant "authors" add one gradient sum per shared use: 18,759."""
+    torch.manual_seed(0)
+    model = rgkern.RGFlow(**PAPER_STRUCTURE, backend="torch", variant="authors")
+    model.check_inputs = False
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        (-model.log_prob(x).mean()).backward()
+
+    train()  # warm up: geometry tables are built on first use
+    work, _ = count_work(train)
+    assert work.kernels <= 18_800, work.by_op.most_common(8)
+    assert work.gemms == 2_880 and work.syncs == 0
+
+
 def test_encode_decode_and_sample_kernel_counts(paper_structured):
     model, x, _ = paper_structured
     with torch.no_grad():
