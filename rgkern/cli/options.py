@@ -57,13 +57,14 @@ def add_speed_options(parser: argparse.ArgumentParser, what: str) -> None:
 MAX_INT = 2**62
 
 
-def _bounded_int(text: str, minimum: int, what: str) -> int:
+def _bounded_int(text: str, minimum: int, what: str, maximum: int = MAX_INT, limit: str = "at most 2**62") -> int:
+    """``int(text)`` in ``minimum .. maximum``, else an error saying ``what`` was expected (and ``limit`` when out of range)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < minimum or value > MAX_INT:
-        raise argparse.ArgumentTypeError(f"expected {what} (at most 2**62), got {text!r}")
+    if value < minimum or value > maximum:
+        raise argparse.ArgumentTypeError(f"expected {what} ({limit}), got {text!r}")
     return value
 
 
@@ -79,13 +80,7 @@ def seed(text: str) -> int:
     """A seed: an integer in ``0 .. 2**63 - 1`` (what torch's generators and the trainer take)."""
     from ..tools.sampling import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in 0 .. 2**63 - 1, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in 0 .. 2**63 - 1 ({MAX_SEED}), got {text!r}")
-    return value
+    return _bounded_int(text, 0, "an integer seed in 0 .. 2**63 - 1", MAX_SEED, str(MAX_SEED))
 
 
 def device(text: str) -> str:
@@ -120,13 +115,7 @@ def max_threads() -> int:
 def threads(text: str) -> int:
     """A thread count in ``1 .. max_threads()`` (more threads than CPUs only slow torch down)."""
     cap = max_threads()
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of threads in 1 .. {cap}, got {text!r}") from None
-    if not 1 <= value <= cap:
-        raise argparse.ArgumentTypeError(f"expected a number of threads in 1 .. {cap} (the CPUs this process may use), got {text!r}")
-    return value
+    return _bounded_int(text, 1, f"a number of threads in 1 .. {cap}", cap, "the CPUs this process may use")
 
 
 def temperature(text: str):
