@@ -31,6 +31,7 @@ __all__ = [
     "gpu_block_sizes",
     "launch_kernel",
     "record_launches",
+    "recording",
     "Launch",
     "TensorArgument",
 ]
@@ -174,6 +175,11 @@ def record_launches():
     finally:
         _recorders.remove(seen)
         launches.extend(seen)
+
+
+def recording() -> bool:
+    """True inside :func:`record_launches`."""
+    return bool(_recorders)
 
 
 def launch_kernel(kernel, grid, *args, **kwargs):

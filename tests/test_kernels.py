@@ -22,6 +22,8 @@ from rgkern.kernels.affine_coupling import affine_coupling_backward, affine_coup
 from rgkern.kernels.gather_patches import gather_patches_backward, gather_patches_forward
 from rgkern.kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
 
+from utils import random_scales
+
 HAS_CUDA = torch.cuda.is_available()
 
 # Relative tolerances of results that go through exp/tanh (data movement must be exact).
@@ -52,14 +54,6 @@ def poisoned(shape, dtype, device):
 def geometry_id(params):
     L, C, k = params
     return f"L{L}-C{C}-k{k}"
-
-
-def random_scales(model: rgkern.RGFlow, generator: torch.Generator) -> None:
-    """Randomise the zero-initialised s/t output scales so the couplings are not the identity."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("s_scale") or name.endswith("t_scale"):
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))
 
 
 # --------------------------------------------------------------------------- gather / scatter

@@ -29,3 +29,11 @@ def random_images(model, batch=3, seed=1, scale=1.5):
     L, C = model.image_size, model.channels
     dtype = next(model.parameters()).dtype
     return scale * torch.randn(batch, C, L, L, generator=g, dtype=torch.float64).to(dtype)
+
+
+def random_scales(model, generator: torch.Generator) -> None:
+    """Randomise the zero-initialised s/t output scales so the couplings are not the identity."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("s_scale") or name.endswith("t_scale"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels.launch import is_interpreted
 from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
+from ..kernels.coupling_half_step import HalfStepWeights, coupling_half_step_backward, coupling_half_step_forward
 from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
 from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
 from .errors import InputError, InputTypeError
@@ -37,9 +38,11 @@ __all__ = [
     "gather_patches",
     "scatter_patches",
     "affine_coupling",
+    "coupling_half_step",
     "GatherPatchesFunction",
     "ScatterPatchesFunction",
     "AffineCouplingFunction",
+    "CouplingHalfStepFunction",
     "REGISTRATION",
     "NAMESPACE",
 ]
@@ -236,6 +239,38 @@ class AffineCouplingFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
+class CouplingHalfStepFunction(torch.autograd.Function):
+    """(y, logdet) = the fused half-step (:mod:`rgkern.kernels.coupling_half_step`).
+
+    ``apply(x, mask, s_scale, t_scale, inverse, *weights)`` with the nine entries of a
+    :class:`HalfStepWeights` (None where absent); inputs contiguous and validated by the
+    caller. The forward keeps the activations only when some input needs a gradient.
+    Gradients flow to x, the scales and every weight; the mask is a constant. Not a
+    registered operator: under ``torch.compile`` the kernels are traced through
+    ``wrap_triton`` inside the host functions.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, s_scale, t_scale, inverse, *weights):
+        weights = HalfStepWeights(*weights)
+        save = any(ctx.needs_input_grad)
+        y, logdet, streams, hidden = coupling_half_step_forward(x, mask, s_scale, t_scale, weights, inverse, save)
+        ctx.inverse = bool(inverse)
+        if save:
+            ctx.save_for_backward(x, mask, s_scale, t_scale, streams, hidden, *weights)
+        return y, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_logdet):
+        x, mask, s_scale, t_scale, streams, hidden, *weights = ctx.saved_tensors
+        grad_x, grad_s_scale, grad_t_scale, grad_weights = coupling_half_step_backward(
+            grad_y.contiguous(), grad_logdet.contiguous(), x, mask, s_scale, t_scale,
+            HalfStepWeights(*weights), ctx.inverse, streams, hidden,
+        )
+        return (grad_x, None, grad_s_scale, grad_t_scale, None, *grad_weights)
+
+
 # --------------------------------------------------------------------------- input checks
 def _check_tensor(name: str, value, dtypes, kind: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -371,4 +406,65 @@ def affine_coupling(
         t_scale.contiguous(),
         mask.contiguous(),
         bool(inverse),
+    )
+
+
+def coupling_half_step(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    weights: HalfStepWeights,
+    inverse: bool = False,
+):
+    """Kernel version of :func:`rgkern.core.reference.coupling_half_step`: one fused launch forward.
+
+    Args:
+        x: rows ``(N, D)``; mask, s_scale, t_scale: ``(D,)``, one device; weights: a
+            :class:`HalfStepWeights` of one float dtype (x's, or a narrower autocast dtype).
+        inverse: apply the inverse half-step.
+    Returns:
+        ``y`` ``(N, D)`` and the per-row log-det ``(N,)``, float64 for float64 ``x``, else
+        float32. Differentiable wrt x, the scales and the weights (not the mask).
+    """
+    _check_tensor("x", x, FLOAT_DTYPES, "floating-point patch rows")
+    if x.dim() != 2:
+        raise InputError(f"x must be 2-D patch rows (N, D), got shape {tuple(x.shape)}")
+    _check_runnable("x", x)
+    dim = x.shape[1]
+    for name, value in {"mask": mask, "s_scale": s_scale, "t_scale": t_scale}.items():
+        _check_tensor(name, value, FLOAT_DTYPES, "floating point")
+        _check_same("x", x, name, value, dtype=False)
+        if tuple(value.shape) != (dim,):
+            raise InputError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({dim},)")
+    if mask.requires_grad:
+        raise InputError("mask requires grad, but the coupling mask is a constant; pass mask.detach()")
+    if not isinstance(weights, HalfStepWeights):
+        raise InputTypeError(f"weights must be a HalfStepWeights, got {type(weights).__name__}")
+    compute = weights.w_last.dtype
+    if compute not in FLOAT_DTYPES or compute.itemsize > x.dtype.itemsize:
+        raise InputTypeError(f"the weights have dtype {compute}; expected x's dtype {x.dtype} or a narrower float")
+    n_res, hidden, n_mid = weights.n_res, weights.hidden, weights.n_mid
+    last_in = hidden if weights.w_first is not None else dim
+    expected = {
+        "w_last": (n_res, 2, dim, last_in), "b_last": (n_res, 2, dim), "slope_last": (n_res, 2, last_in),
+    }
+    if weights.w_first is not None:
+        expected.update(w_first=(n_res, 2, hidden, dim), b_first=(n_res, 2, hidden), slope_first=(n_res, 2, dim))
+        if weights.w_mid is not None:
+            expected.update(w_mid=(n_mid, n_res, 2, hidden, hidden), b_mid=(n_mid, n_res, 2, hidden),
+                            slope_mid=(n_mid, n_res, 2, hidden))
+    for name in HalfStepWeights._fields:
+        value = getattr(weights, name)
+        if name not in expected:
+            if value is not None:
+                raise InputError(f"weights.{name} must be None for this layout (w_first and w_mid present or absent with it)")
+            continue
+        _check_tensor(f"weights.{name}", value, (compute,), f"the weights' dtype {compute}")
+        _check_same("x", x, f"weights.{name}", value, dtype=False)
+        if tuple(value.shape) != expected[name]:
+            raise InputError(f"weights.{name} has shape {tuple(value.shape)}, expected {expected[name]}")
+    return CouplingHalfStepFunction.apply(
+        x.contiguous(), mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(), bool(inverse),
+        *(None if t is None else t.contiguous() for t in weights),
     )

@@ -116,13 +116,15 @@ class CouplingNetworks(nn.Module):
     def extra_repr(self) -> str:
         return f"pairs={self.pairs}, dim={self.dim}, n_res={self.n_res}, n_mlp={self.n_mlp}"
 
-    def prepared(self, device: torch.device) -> "PreparedNetworks":
+    def prepared(self, device: torch.device, fused: bool = False) -> "PreparedNetworks":
         """The per-pass tensors of :meth:`run` (see :class:`PreparedNetworks`).
 
         The weight norm runs once per stacked tensor (``torch._weight_norm`` over the input
         dimension of each output row, as ``nn.utils.weight_norm(nn.Linear)`` does). Under
         autocast the results are cast to the autocast dtype here, once per pass, so the
-        GEMMs do not cast them per call.
+        GEMMs do not cast them per call. With ``fused`` the tensors come as one
+        :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights` per pair, the layout of
+        the fused half-step kernels (``backend="triton"``).
         """
         cast = _autocast_dtype(device)
         weights, biases, slopes = [], [], []
@@ -135,12 +137,43 @@ class CouplingNetworks(nn.Module):
             w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
             if cast is not None:
                 w, b, slope = w.to(cast), b.to(cast), slope.to(cast)
+            if fused:
+                lead = (self.pairs, self.n_res, NETWORKS)
+                weights.append(w.view(*lead, w_out, w_in))
+                biases.append(b.view(*lead, w_out))
+                slopes.append(slope.view(*lead, w_in))
+                continue
             # One unbind per tensor: its backward is one stack, where indexing per half-step
             # would give one full-size select_backward per use.
             weights.append(w.view(-1, NETWORKS, w_out, w_in).transpose(-1, -2).unbind(0))
             biases.append(b.view(-1, NETWORKS, 1, w_out).unbind(0))
             slopes.append(slope.view(-1, NETWORKS, 1, w_in).unbind(0))
-        return PreparedNetworks(weights, biases, slopes, self.s_scale.unbind(0), self.t_scale.unbind(0), cast)
+        scales = self.s_scale.unbind(0), self.t_scale.unbind(0)
+        if fused:
+            return PreparedNetworks(None, None, None, *scales, cast, self._half_steps(weights, biases, slopes))
+        return PreparedNetworks(weights, biases, slopes, *scales, cast)
+
+    def _half_steps(self, weights, biases, slopes) -> tuple:
+        """Per pair, the :class:`HalfStepWeights` of stacked ``(P, R, 2, ...)`` tensors per linear."""
+        from ..kernels.coupling_half_step import HalfStepWeights
+
+        def per_pair(tensors):
+            """(first, mid, last) per pair: mid linears stacked on a new leading dimension."""
+            first = tensors[0].unbind(0) if len(tensors) > 1 else (None,) * self.pairs
+            mids = tensors[1:-1]
+            if not mids:
+                mid = (None,) * self.pairs
+            else:
+                mid = (torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)).unbind(0)
+            return first, mid, tensors[-1].unbind(0)
+
+        (w_first, w_mid, w_last), (b_first, b_mid, b_last), (s_first, s_mid, s_last) = (
+            per_pair(weights), per_pair(biases), per_pair(slopes)
+        )
+        return tuple(
+            HalfStepWeights(w_first[p], b_first[p], s_first[p], w_mid[p], b_mid[p], s_mid[p], w_last[p], b_last[p], s_last[p])
+            for p in range(self.pairs)
+        )
 
     def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks") -> torch.Tensor:
         """``s_raw`` and ``t_raw`` stacked ``(2, N, D)`` of half-step ``pair`` from masked rows ``(N, D)``."""
@@ -166,7 +199,9 @@ class PreparedNetworks(NamedTuple):
 
     ``weights[j][i]`` ``(2, w_in, w_out)`` weight-normalised; ``biases[j][i]`` ``(2, 1, w_out)``;
     ``slopes[j][i]`` ``(2, 1, w_in)``; ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)``;
-    ``dtype``: the autocast dtype they were cast to, or None.
+    ``dtype``: the autocast dtype they were cast to, or None. For the fused kernels
+    (``prepared(fused=True)``) weights, biases and slopes are None and ``half_steps[pair]``
+    holds the pair's :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights`.
     """
 
     weights: list
@@ -175,6 +210,7 @@ class PreparedNetworks(NamedTuple):
     s_scales: tuple
     t_scales: tuple
     dtype: torch.dtype | None
+    half_steps: tuple | None = None
 
 
 class Sublayer(nn.Module):
@@ -211,12 +247,14 @@ class Sublayer(nn.Module):
         :meth:`CouplingNetworks.prepared` (computed here when None).
         """
         if prepared is None:
-            prepared = self.networks.prepared(rows.device)
+            prepared = self.networks.prepared(rows.device, fused=backend == "triton")
         block, flipped = divmod(step, 2)
         pair = step if self.networks_per_block == 2 else block
         mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(flipped))
-        s_raw, t_raw = self.networks.run(rows * mask, pair, prepared).unbind(0)
         s_scale, t_scale = prepared.s_scales[pair], prepared.t_scales[pair]
+        if prepared.half_steps is not None:
+            return ops.coupling_half_step(rows, mask, s_scale, t_scale, prepared.half_steps[pair], inverse, backend)
+        s_raw, t_raw = self.networks.run(rows * mask, pair, prepared).unbind(0)
         return ops.affine_coupling(rows, s_raw, t_raw, s_scale, t_scale, mask, inverse, backend)
 
     def _block(self, rows, logdet, block: int, inverse: bool, backend: str, prepared):
@@ -228,7 +266,7 @@ class Sublayer(nn.Module):
 
     def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str):
         """Run the block stack on patch rows ``(N, D)``; returns rows and per-row log-det ``(N,)``."""
-        prepared = self.networks.prepared(rows.device)
+        prepared = self.networks.prepared(rows.device, fused=backend == "triton")
         logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
         blocks = range(self.num_blocks - 1, -1, -1) if inverse else range(self.num_blocks)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse

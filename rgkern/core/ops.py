@@ -14,7 +14,15 @@ from .errors import InputError
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "check_backend", "resolve_backend", "gather_patches", "scatter_patches", "affine_coupling"]
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "resolve_backend",
+    "gather_patches",
+    "scatter_patches",
+    "affine_coupling",
+    "coupling_half_step",
+]
 
 
 def check_backend(backend: str) -> str:
@@ -66,3 +74,9 @@ def affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse=False, back
     if backend == "triton":
         return _kernels().affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
     return reference.affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
+
+
+def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse=False, backend="torch"):
+    if backend == "triton":
+        return _kernels().coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
+    return reference.coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)

@@ -10,7 +10,7 @@ import torch
 
 from .precision import accumulator_dtype
 
-__all__ = ["gather_patches", "scatter_patches", "affine_coupling"]
+__all__ = ["gather_patches", "scatter_patches", "affine_coupling", "coupling_half_step"]
 
 
 def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
@@ -74,3 +74,38 @@ def affine_coupling(
         return (x - t) * torch.exp(-s), -logdet
     return torch.addcmul(t, x, torch.exp(s)), logdet
 
+
+
+def coupling_half_step(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    weights,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One coupling half-step with its s and t residual MLPs, from the stacked weights.
+
+    The math and weight layout of :mod:`rgkern.kernels.coupling_half_step` (``weights`` is its
+    ``HalfStepWeights``: weight-normalised, the last linear of each block carrying the
+    residual's 1/sqrt(2)); the networks run in the weights' dtype. x ``(N, D)``; mask,
+    s_scale, t_scale ``(D,)``. Returns y ``(N, D)`` and the per-row log-det ``(N,)``.
+    """
+    w_first, b_first, slope_first, w_mid, b_mid, slope_mid, w_last, b_last, slope_last = weights
+    layers = []
+    if w_first is not None:
+        layers.append((w_first, b_first, slope_first))
+        for m in range(0 if w_mid is None else w_mid.shape[0]):
+            layers.append((w_mid[m], b_mid[m], slope_mid[m]))
+    layers.append((w_last, b_last, slope_last))
+    raw = []
+    for net in range(2):
+        r = (x * mask).to(w_last.dtype)
+        for i in range(w_last.shape[0]):
+            h = r
+            for j, (w, b, slope) in enumerate(layers):
+                a = h * torch.sigmoid(slope[i, net] * h)
+                h = a @ w[i, net].T + b[i, net]
+            r = r * (2 ** -0.5) + h
+        raw.append(r)
+    return affine_coupling(x, raw[0], raw[1], s_scale, t_scale, mask, inverse)
