@@ -445,7 +445,10 @@ def coupling_weight_grad_kernel(
 
 # --------------------------------------------------------------------------- host side
 class HalfStepWeights(NamedTuple):
-    """The stacked weights of one half-step (shapes in the module docstring), one dtype.
+    """The stacked weights of one half-step (shapes in the module docstring).
+
+    The weights ``w_*`` share one dtype, the compute dtype (the rows' dtype, or a narrower
+    one under autocast); biases and slopes share one dtype, the weights' or the rows'.
 
     ``w_mid``/``b_mid``/``slope_mid`` are None when n_mlp < 2, ``w_first``/``b_first``/
     ``slope_first`` when n_mlp = 0.
@@ -660,13 +663,13 @@ def coupling_half_step_backward(
     sums = partial.sum(dim=0)
     grad_s_scale = sums[:dim].to(s_scale.dtype)
     grad_t_scale = sums[dim:first_offset].to(t_scale.dtype)
-    slope_sums = sums[first_offset:].to(compute)
+    slope_sums = sums[first_offset:].to(weights.slope_last.dtype)
 
-    def weight_grads(src, grad, weight, slopes, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
+    def weight_grads(src, grad, weight, bias, slopes, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
         """Weight and bias gradients of one kind of linear (all its matrices in one launch)."""
         mats = weight.numel() // (in_w * out_w)
         grad_w = empty(weight.shape, dtype=compute, device=x.device)
-        grad_b = empty(weight.shape[:-1], dtype=compute, device=x.device)
+        grad_b = empty(weight.shape[:-1], dtype=bias.dtype, device=x.device)
         block_out = tiles.block_d if out_w == dim else tiles.block_h
         block_in = tiles.block_d if in_w == dim else tiles.block_h
         if n_rows == 0:
@@ -690,16 +693,16 @@ def coupling_half_step_backward(
         return None if like is None else slope_sums[offset - first_offset:offset - first_offset + like.numel()].view(like.shape)
 
     if n_mlp:
-        grad_w_first, grad_b_first = weight_grads(streams, grad_hidden, weights.w_first, weights.slope_first,
+        grad_w_first, grad_b_first = weight_grads(streams, grad_hidden, weights.w_first, weights.b_first, weights.slope_first,
                                                   1, 0, n_mlp, 0, dim, hidden_width)
-        grad_w_last, grad_b_last = weight_grads(hidden, grad_streams, weights.w_last, weights.slope_last,
+        grad_w_last, grad_b_last = weight_grads(hidden, grad_streams, weights.w_last, weights.b_last, weights.slope_last,
                                                 n_mlp, n_mlp - 1, 1, 1, hidden_width, dim)
     else:
         grad_w_first = grad_b_first = None
-        grad_w_last, grad_b_last = weight_grads(streams, grad_streams, weights.w_last, weights.slope_last,
+        grad_w_last, grad_b_last = weight_grads(streams, grad_streams, weights.w_last, weights.b_last, weights.slope_last,
                                                 1, 0, 1, 1, dim, dim)
     if n_mid:
-        grad_w_mid, grad_b_mid = weight_grads(hidden, grad_hidden, weights.w_mid, weights.slope_mid,
+        grad_w_mid, grad_b_mid = weight_grads(hidden, grad_hidden, weights.w_mid, weights.b_mid, weights.slope_mid,
                                               n_mlp, 0, n_mlp, 1, hidden_width, hidden_width)
     else:
         grad_w_mid = grad_b_mid = None

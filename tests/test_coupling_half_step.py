@@ -259,6 +259,11 @@ def test_fused_training_pass_kernel_count(paper_structured):
     assert work.triton == half_steps * 5 + 31, work.by_op.most_common(8)  # per half-step: 1 forward, 1 + 3 backward; 31 gathers and scatters
     assert work.kernels <= 3_000, work.by_op.most_common(8)
     assert work.syncs == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = count_work(train, run_kernels=False)
+    # Only the weights are cast, once per stacked tensor and pass (24), and their gradients back (24).
+    assert mixed.kernels - work.kernels == mixed.by_op["_to_copy"] == 48, mixed.by_op.most_common(8)
+    assert mixed.syncs == 0
 
 
 def test_fused_encode_decode_and_sample_kernel_counts(paper_structured):

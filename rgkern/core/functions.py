@@ -444,6 +444,9 @@ def coupling_half_step(
     compute = weights.w_last.dtype
     if compute not in FLOAT_DTYPES or compute.itemsize > x.dtype.itemsize:
         raise InputTypeError(f"the weights have dtype {compute}; expected x's dtype {x.dtype} or a narrower float")
+    vector_dtype = weights.b_last.dtype
+    if vector_dtype not in (compute, x.dtype):
+        raise InputTypeError(f"weights.b_last has dtype {vector_dtype}; expected the weights' {compute} or x's {x.dtype}")
     n_res, hidden, n_mid = weights.n_res, weights.hidden, weights.n_mid
     last_in = hidden if weights.w_first is not None else dim
     expected = {
@@ -460,7 +463,8 @@ def coupling_half_step(
             if value is not None:
                 raise InputError(f"weights.{name} must be None for this layout (w_first and w_mid present or absent with it)")
             continue
-        _check_tensor(f"weights.{name}", value, (compute,), f"the weights' dtype {compute}")
+        wanted = compute if name.startswith("w_") else vector_dtype
+        _check_tensor(f"weights.{name}", value, (wanted,), f"dtype {wanted}, as the other {'weights' if name.startswith('w_') else 'biases and slopes'}")
         _check_same("x", x, f"weights.{name}", value, dtype=False)
         if tuple(value.shape) != expected[name]:
             raise InputError(f"weights.{name} has shape {tuple(value.shape)}, expected {expected[name]}")

@@ -122,7 +122,7 @@ class CouplingNetworks(nn.Module):
         The weight norm runs once per stacked tensor (``torch._weight_norm`` over the input
         dimension of each output row, as ``nn.utils.weight_norm(nn.Linear)`` does). Under
         autocast the results are cast to the autocast dtype here, once per pass, so the
-        GEMMs do not cast them per call. With ``fused`` the tensors come as one
+        GEMMs do not cast them per call (with ``fused`` only the weights). With ``fused`` the tensors come as one
         :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights` per pair, the layout of
         the fused half-step kernels (``backend="triton"``).
         """
@@ -136,7 +136,11 @@ class CouplingNetworks(nn.Module):
                 g, b = g * SQRT_HALF, b * SQRT_HALF
             w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
             if cast is not None:
-                w, b, slope = w.to(cast), b.to(cast), slope.to(cast)
+                # The fused kernels read biases and slopes in float32 anyway: only their
+                # tl.dot operands, the weights, are cast.
+                w = w.to(cast)
+                if not fused:
+                    b, slope = b.to(cast), slope.to(cast)
             if fused:
                 lead = (self.pairs, self.n_res, NETWORKS)
                 weights.append(w.view(*lead, w_out, w_in))

@@ -88,7 +88,7 @@ def coupling_half_step(
 
     The math and weight layout of :mod:`rgkern.kernels.coupling_half_step` (``weights`` is its
     ``HalfStepWeights``: weight-normalised, the last linear of each block carrying the
-    residual's 1/sqrt(2)); the networks run in the weights' dtype. x ``(N, D)``; mask,
+    residual's 1/sqrt(2)); the networks run in the weights' dtype (biases and slopes may be wider). x ``(N, D)``; mask,
     s_scale, t_scale ``(D,)``. Returns y ``(N, D)`` and the per-row log-det ``(N,)``.
     """
     w_first, b_first, slope_first, w_mid, b_mid, slope_mid, w_last, b_last, slope_last = weights
@@ -104,8 +104,8 @@ def coupling_half_step(
         for i in range(w_last.shape[0]):
             h = r
             for j, (w, b, slope) in enumerate(layers):
-                a = h * torch.sigmoid(slope[i, net] * h)
-                h = a @ w[i, net].T + b[i, net]
+                a = (h * torch.sigmoid(slope[i, net] * h)).to(w.dtype)
+                h = (a @ w[i, net].T + b[i, net]).to(w.dtype)
             r = r * (2 ** -0.5) + h
         raw.append(r)
     return affine_coupling(x, raw[0], raw[1], s_scale, t_scale, mask, inverse)
