@@ -63,6 +63,7 @@ __all__ = [
     "HalfStepWeights",
     "TileConfig",
     "tile_config",
+    "activation_shapes",
     "coupling_half_step_forward",
     "coupling_half_step_backward",
 ]
@@ -534,6 +535,15 @@ def _dot_upcast(compute_dtype: torch.dtype) -> bool:
     return compute_dtype in (torch.bfloat16, torch.float16) and interpreter_requested() and not _launch.recording()
 
 
+def activation_shapes(n_rows: int, dim: int, weights: HalfStepWeights, save: bool) -> tuple[tuple, tuple]:
+    """Shapes of the ``streams`` and ``hidden`` buffers :func:`coupling_half_step_forward` returns."""
+    n_res, n_mlp = weights.n_res, weights.n_mlp
+    stream_slots = n_res + 1 if save else 2
+    hidden_slots = max(1, n_res * n_mlp if save else min(2, n_res * n_mlp))
+    hidden = (hidden_slots, 2, n_rows, weights.hidden) if n_mlp else (1,)
+    return (stream_slots, 2, n_rows, dim), hidden
+
+
 def coupling_half_step_forward(
     x: torch.Tensor,
     mask: torch.Tensor,
@@ -562,12 +572,12 @@ def coupling_half_step_forward(
     acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
     n_res, n_mlp, hidden_width = weights.n_res, weights.n_mlp, weights.hidden
-    stream_slots = n_res + 1 if save else 2
-    hidden_slots = max(1, n_res * n_mlp if save else min(2, n_res * n_mlp))
+    stream_shape, hidden_shape = activation_shapes(n_rows, dim, weights, save)
+    stream_slots, hidden_slots = stream_shape[0], hidden_shape[0]
     y = empty((n_rows, dim), dtype=x.dtype, device=x.device)
     logdet = empty((n_rows,), dtype=acc, device=x.device)
-    streams = empty((stream_slots, 2, n_rows, dim), dtype=compute, device=x.device)
-    hidden = empty((hidden_slots, 2, n_rows, hidden_width) if n_mlp else (1,), dtype=compute, device=x.device)
+    streams = empty(stream_shape, dtype=compute, device=x.device)
+    hidden = empty(hidden_shape, dtype=compute, device=x.device)
     if n_rows > 0:
         tiles = tile_config(n_rows, dim, hidden_width, compute)
         w = _present(weights)

@@ -28,7 +28,14 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels.launch import is_interpreted
 from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
-from ..kernels.coupling_half_step import HalfStepWeights, coupling_half_step_backward, coupling_half_step_forward
+from typing import Optional
+
+from ..kernels.coupling_half_step import (
+    HalfStepWeights,
+    activation_shapes,
+    coupling_half_step_backward,
+    coupling_half_step_forward,
+)
 from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
 from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
 from .errors import InputError, InputTypeError
@@ -100,6 +107,63 @@ def _affine_coupling_backward_op(
     return affine_coupling_backward(grad_y, grad_logdet, x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
 
 
+def _coupling_half_step_op(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    w_first: Optional[torch.Tensor],
+    b_first: Optional[torch.Tensor],
+    slope_first: Optional[torch.Tensor],
+    w_mid: Optional[torch.Tensor],
+    b_mid: Optional[torch.Tensor],
+    slope_mid: Optional[torch.Tensor],
+    w_last: torch.Tensor,
+    b_last: torch.Tensor,
+    slope_last: torch.Tensor,
+    inverse: bool,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weights = HalfStepWeights(w_first, b_first, slope_first, w_mid, b_mid, slope_mid, w_last, b_last, slope_last)
+    return coupling_half_step_forward(x, mask, s_scale, t_scale, weights, inverse, save)
+
+
+def _coupling_half_step_backward_op(
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    w_first: Optional[torch.Tensor],
+    b_first: Optional[torch.Tensor],
+    slope_first: Optional[torch.Tensor],
+    w_mid: Optional[torch.Tensor],
+    b_mid: Optional[torch.Tensor],
+    slope_mid: Optional[torch.Tensor],
+    w_last: torch.Tensor,
+    b_last: torch.Tensor,
+    slope_last: torch.Tensor,
+    inverse: bool,
+    streams: torch.Tensor,
+    hidden: torch.Tensor,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:
+    """The gradients of x, s_scale, t_scale and the nine weights; an absent weight's is empty.
+
+    The scale and slope gradients are slices of one reduction; an operator's outputs may not
+    alias, so they are copied here (eager mode calls the host function, without the copies).
+    """
+    weights = HalfStepWeights(w_first, b_first, slope_first, w_mid, b_mid, slope_mid, w_last, b_last, slope_last)
+    grad_x, grad_s, grad_t, grads = coupling_half_step_backward(
+        grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden
+    )
+    grads = [x.new_empty(0) if g is None else g if g._base is None else g.clone() for g in grads]
+    return (grad_x, grad_s.clone(), grad_t.clone(), *grads)
+
+
 # Shape-only versions for the opaque custom_op registration (triton_op derives its own).
 def _gather_patches_fake(x, row_index):
     return x.new_empty((x.shape[0] * row_index.shape[0], row_index.shape[1]))
@@ -132,6 +196,25 @@ def _affine_coupling_backward_fake(grad_y, grad_logdet, x, s_raw, t_raw, s_scale
     )
 
 
+def _coupling_half_step_fake(x, mask, s_scale, t_scale, *rest):
+    *weights, inverse, save = rest
+    weights = HalfStepWeights(*weights)
+    stream_shape, hidden_shape = activation_shapes(x.shape[0], x.shape[1], weights, save)
+    compute = weights.w_last.dtype
+    return (
+        torch.empty_like(x),
+        x.new_empty((x.shape[0],), dtype=accumulator_dtype(x.dtype)),
+        x.new_empty(stream_shape, dtype=compute),
+        x.new_empty(hidden_shape, dtype=compute),
+    )
+
+
+def _coupling_half_step_backward_fake(grad_y, grad_logdet, x, mask, s_scale, t_scale, *rest):
+    weights = rest[:9]
+    return (torch.empty_like(x), torch.empty_like(s_scale), torch.empty_like(t_scale),
+            *(x.new_empty(0) if w is None else torch.empty_like(w) for w in weights))
+
+
 _OPERATORS = {
     "gather_patches": (_gather_patches_op, _gather_patches_fake),
     "gather_patches_backward": (_gather_patches_backward_op, _gather_patches_backward_fake),
@@ -139,6 +222,8 @@ _OPERATORS = {
     "scatter_patches_backward": (_scatter_patches_backward_op, _scatter_patches_backward_fake),
     "affine_coupling": (_affine_coupling_op, _affine_coupling_fake),
     "affine_coupling_backward": (_affine_coupling_backward_op, _affine_coupling_backward_fake),
+    "coupling_half_step": (_coupling_half_step_op, _coupling_half_step_fake),
+    "coupling_half_step_backward": (_coupling_half_step_backward_op, _coupling_half_step_backward_fake),
 }
 
 
@@ -245,17 +330,16 @@ class CouplingHalfStepFunction(torch.autograd.Function):
     ``apply(x, mask, s_scale, t_scale, inverse, *weights)`` with the nine entries of a
     :class:`HalfStepWeights` (None where absent); inputs contiguous and validated by the
     caller. The forward keeps the activations only when some input needs a gradient.
-    Gradients flow to x, the scales and every weight; the mask is a constant. Not a
-    registered operator: under ``torch.compile`` the kernels are traced through
-    ``wrap_triton`` inside the host functions.
+    Gradients flow to x, the scales and every weight; the mask is a constant. Operators
+    ``rgkern::coupling_half_step`` and ``rgkern::coupling_half_step_backward``.
     """
 
     @staticmethod
     def forward(ctx, x, mask, s_scale, t_scale, inverse, *weights):
-        weights = HalfStepWeights(*weights)
         save = any(ctx.needs_input_grad)
-        y, logdet, streams, hidden = coupling_half_step_forward(x, mask, s_scale, t_scale, weights, inverse, save)
+        y, logdet, streams, hidden = _run("coupling_half_step", x, mask, s_scale, t_scale, *weights, bool(inverse), save)
         ctx.inverse = bool(inverse)
+        ctx.absent = [w is None for w in weights]
         if save:
             ctx.save_for_backward(x, mask, s_scale, t_scale, streams, hidden, *weights)
         return y, logdet
@@ -264,10 +348,16 @@ class CouplingHalfStepFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, grad_logdet):
         x, mask, s_scale, t_scale, streams, hidden, *weights = ctx.saved_tensors
-        grad_x, grad_s_scale, grad_t_scale, grad_weights = coupling_half_step_backward(
-            grad_y.contiguous(), grad_logdet.contiguous(), x, mask, s_scale, t_scale,
-            HalfStepWeights(*weights), ctx.inverse, streams, hidden,
-        )
+        args = (grad_y.contiguous(), grad_logdet.contiguous(), x, mask, s_scale, t_scale)
+        if torch.compiler.is_compiling():
+            grad_x, grad_s_scale, grad_t_scale, *grad_weights = _run(
+                "coupling_half_step_backward", *args, *weights, ctx.inverse, streams, hidden
+            )
+        else:
+            grad_x, grad_s_scale, grad_t_scale, grad_weights = coupling_half_step_backward(
+                *args, HalfStepWeights(*weights), ctx.inverse, streams, hidden
+            )
+        grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]
         return (grad_x, None, grad_s_scale, grad_t_scale, None, *grad_weights)
 
 
