@@ -9,6 +9,7 @@
 #   RGKERN_BENCH_COMPILE=0           skip the torch.compile variants (their compile takes minutes)
 #   RGKERN_BENCH_COMPILE_KERNELS=1   also benchmark the kernel path under torch.compile
 #   RGKERN_BENCH_BATCH=64            batch size of the whole-model benchmarks and of bench_speed's train_step
+#   LARGE_BATCH=512                  then bench_speed's train_step again at this batch (0: skip)
 #   RGKERN_BENCH_SAMPLE_SIZES=64,256,1024,4096,16384   bench_speed's sampling batch sizes
 #   BENCH_ARGS="-k encode"           extra pytest arguments for the benchmark run
 #   TRAIN_MINUTES=0                  > 0: afterwards train the paper-msds preset for that many minutes
@@ -51,6 +52,12 @@ python -m pytest bench/ --benchmark-only -q --benchmark-json="$OUT/bench.json" $
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1
 
+if [ "${LARGE_BATCH:-512}" != "0" ]; then
+    RGKERN_BENCH_BATCH="${LARGE_BATCH:-512}" python -m pytest bench/bench_speed.py --benchmark-only -q -k train_step \
+        --benchmark-json="$OUT/bench_batch${LARGE_BATCH:-512}.json" 2>&1 | tee "$OUT/bench_large_batch.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
 if [ "${TRAIN_MINUTES:-0}" != "0" ]; then
     # Train the paper's MSDS model (appendix B) for a time budget; --time-limit stops at a step
     # boundary, evaluates on all 10,000 held-out images and checkpoints there.
@@ -69,10 +76,17 @@ OUT="$OUT" python - <<'EOF' | tee "$OUT/summary.md"
 """Markdown summary of bench.json: per group, each path's median time, ratio and extra_info."""
 import json, os, sys
 
+import glob
+
 path = os.path.join(os.environ["OUT"], "bench.json")
 if not os.path.exists(path):
     sys.exit(f"no {path}: the benchmark run produced nothing")
 data = json.load(open(path))
+for extra in sorted(glob.glob(os.path.join(os.environ["OUT"], "bench_batch*.json"))):
+    batch = extra.rsplit("bench_batch", 1)[1].split(".")[0]
+    for bench in json.load(open(extra))["benchmarks"]:
+        bench["group"] = f"{bench['group']} (batch {batch})"
+        data["benchmarks"].append(bench)
 print(f"# Benchmark summary ({data.get('datetime', '?')})\n")
 machine = data.get("machine_info", {})
 print(f"machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}\n")

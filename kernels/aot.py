@@ -297,8 +297,11 @@ def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = Fal
 
     Under ``TRITON_INTERPRET`` (interpreted kernels) the work runs in a child Python without
     the interpreter, which imports each kernel by its module and name; the modules must be
-    importable there (the child gets this process's ``sys.path``). ``progress`` prints a line
-    per compile to stderr.
+    importable there (the child gets this process's ``sys.path``, after the folders in
+    ``RGKERN_AOT_PYTHONPATH`` when that is set: so launches recorded under one Triton's
+    interpreter can be compiled by another Triton, e.g. the 3.6 of the GPU machines, whose
+    interpreter cannot run kernels that loop over a runtime bound with NumPy 2). ``progress``
+    prints a line per compile to stderr.
     """
     launches = list(launches)
     if not interpreter_requested() and not any(type(launch.kernel).__name__ == "InterpretedFunction" for launch in launches):
@@ -309,7 +312,8 @@ def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = Fal
         with open(request, "w") as file:
             json.dump({"launches": [_launch_to_json(l) for l in launches], "architectures": list(architectures),
                        "progress": progress}, file)
-        environment = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        paths = os.environ.get("RGKERN_AOT_PYTHONPATH", "").split(os.pathsep) + sys.path
+        environment = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in paths if p))
         subprocess.run([sys.executable, "-m", __name__, request, answer], check=True, env=environment)
         with open(answer) as file:
             return [CompileResult(**entry) for entry in json.load(file)]

@@ -14,7 +14,10 @@ memory and compile time per specialisation and architecture, then a summary.
 
 Exits with 1 when a compile fails or a float32/bfloat16 kernel spills; float64 spills are
 reported. Triton's version decides what is checked: run it under each Triton that matters
-(3.6 on the GPU machines, the newest release).
+(3.6 on the GPU machines, the newest release). Triton 3.6's interpreter cannot record the
+fused half-step (its loops over runtime bounds fail under NumPy 2), so record with a newer
+Triton and compile with 3.6: ``RGKERN_AOT_PYTHONPATH=/path/to/triton-3.6-site python
+scripts/compile_kernels.py``.
 """
 import os
 
@@ -40,11 +43,14 @@ SIZES = (8, 16)
 BATCHES = (1, 3, 16)
 
 
-def random_model(image_size: int, channels: int, kernel_size: int, dtype: torch.dtype, device) -> rgkern.RGFlow:
-    """A one-block-per-sublayer model on the Triton backend whose couplings are not the identity."""
+def random_model(image_size: int, channels: int, kernel_size: int, dtype: torch.dtype, device, n_mlp: int = 2) -> rgkern.RGFlow:
+    """A one-block-per-sublayer model on the Triton backend whose couplings are not the identity.
+
+    ``n_mlp`` 2 (the paper's) gives the fused half-step a hidden-to-hidden linear; 0 none.
+    """
     torch.manual_seed(0)
     model = rgkern.RGFlow(image_size=image_size, channels=channels, kernel_size=kernel_size, n_layers=1, hidden=8,
-                          n_res=1, n_mlp=1, backend="triton")
+                          n_res=1, n_mlp=n_mlp, backend="triton")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("s_scale", "t_scale")):
@@ -89,8 +95,9 @@ def main(argv=None) -> int:
                 for size in args.sizes:
                     if size % kernel_size or size < 2 * kernel_size:
                         continue
-                    model = random_model(size, channels, kernel_size, DTYPES[dtype_name], args.device)
-                    launches.extend(record_passes(model))
+                    for n_mlp in (2, 0) if size == min(args.sizes) else (2,):
+                        model = random_model(size, channels, kernel_size, DTYPES[dtype_name], args.device, n_mlp)
+                        launches.extend(record_passes(model))
     recorded = time.perf_counter() - start
     print(f"recorded {len(launches)} distinct launches in {recorded:.0f} s; compiling", file=sys.stderr, flush=True)
     results = aot.compile_launches(launches, args.arch, progress=True)
