@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import InputError, InputFileNotFoundError
+from ..core.errors import InputError, InputFileNotFoundError, InputTypeError
 from .files import atomic_write_many
 
 __all__ = [
@@ -88,8 +88,6 @@ def pretrained_path(name: str) -> Path:
     Raises :class:`~rgkern.core.errors.InputError` listing the available names for an unknown one.
     """
     if not isinstance(name, str):
-        from ..core.errors import InputTypeError
-
         raise InputTypeError(f"a pretrained model's name must be a str, got {type(name).__name__}")
     bare = name[len(PRETRAINED_PREFIX):] if name.startswith(PRETRAINED_PREFIX) else name
     names = pretrained_names()
