@@ -9,6 +9,9 @@ setup(
     description="Kernel-accelerated RG-Flow: a hierarchical, local normalizing flow",
     packages=find_packages(include=["rgkern", "rgkern.*"]) + ["rgkern.kernels"],
     package_dir={"rgkern": "rgkern", "rgkern.kernels": "kernels"},
+    # The shipped pretrained models (rgkern/pretrained/NAME.safetensors, its config JSON and its
+    # card), found beside the installed package by rgkern.tools.checkpoint.pretrained_path.
+    package_data={"rgkern": ["pretrained/*.safetensors", "pretrained/*.json", "pretrained/*.md"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "einops", "tqdm", "pillow", "matplotlib", "safetensors"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},

@@ -143,13 +143,19 @@ def setup_runtime(args) -> str:
 
 def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint`` (required): a checkpoint file or a run folder; read it with :func:`checkpoint_path`."""
-    parser.add_argument("--checkpoint", required=True, help="a model.safetensors file, or a run folder holding one")
+    parser.add_argument(
+        "--checkpoint", required=True,
+        help="a model.safetensors file, a run folder holding one, or pretrained:NAME, a model shipped with rgkern (pretrained:msds1-cpu)",
+    )
 
 
 def checkpoint_path(text: str) -> Path:
-    """A checkpoint file, or a run folder holding ``model.safetensors``."""
+    """A checkpoint file, a run folder holding ``model.safetensors``, or ``pretrained:NAME`` (the shipped file; InputError for an unknown name)."""
+    from ..tools.checkpoint import PRETRAINED_PREFIX, pretrained_path
     from ..tools.train import CHECKPOINT_NAME
 
+    if text.startswith(PRETRAINED_PREFIX):
+        return pretrained_path(text)
     path = Path(text)
     if not path.is_dir() or (path.suffix == ".safetensors" and not (path / CHECKPOINT_NAME).exists()):
         return path  # a file, a missing path or a folder named like a checkpoint: loading says which

@@ -25,6 +25,11 @@ before the first rename, the safetensors file is renamed first, so a run killed 
 leaves the previous checkpoint intact; a kill between the two renames leaves ``model.json``
 one version behind, which its ``tensors_sha256`` shows and :func:`repair_sidecar` (run by
 the trainer when it starts in the folder) fixes.
+
+Pretrained models ship with the package as ``rgkern/pretrained/NAME.safetensors`` (model
+weights only, in the same format) and are named ``"pretrained:NAME"`` wherever a checkpoint
+path is taken (:func:`load_model`, :func:`load_checkpoint`, :func:`read_document`, the CLI's
+``--checkpoint``); :func:`load_pretrained` loads one by name, :func:`pretrained_names` lists them.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import InputError, InputFileNotFoundError
+from ..core.errors import InputError, InputFileNotFoundError, InputTypeError
 from .files import atomic_write_many
 
 __all__ = [
@@ -47,6 +52,11 @@ __all__ = [
     "read_document",
     "tensor_checksum",
     "CheckpointError",
+    "PRETRAINED_PREFIX",
+    "pretrained_names",
+    "pretrained_path",
+    "resolve_checkpoint",
+    "load_pretrained",
 ]
 
 #: 2: the stacked s/t parameter layout (``sublayers.S.networks.*``); 1: one ``nn.Linear`` per
@@ -60,6 +70,40 @@ _SHOWN = 6
 
 class CheckpointError(InputError):
     """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
+
+
+#: A checkpoint path ``"pretrained:NAME"`` names the shipped ``rgkern/pretrained/NAME.safetensors``.
+PRETRAINED_PREFIX = "pretrained:"
+_PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def pretrained_names() -> list:
+    """The names of the pretrained models shipped with the package, sorted (``"msds1-cpu"``, ...)."""
+    return sorted(path.stem for path in _PRETRAINED_DIR.glob("*.safetensors"))
+
+
+def pretrained_path(name: str) -> Path:
+    """The file of the shipped pretrained model ``name`` (with or without the ``pretrained:`` prefix).
+
+    Raises :class:`~rgkern.core.errors.InputError` listing the available names for an unknown one.
+    """
+    if not isinstance(name, str):
+        raise InputTypeError(f"a pretrained model's name must be a str, got {type(name).__name__}")
+    bare = name[len(PRETRAINED_PREFIX):] if name.startswith(PRETRAINED_PREFIX) else name
+    names = pretrained_names()
+    if bare not in names:
+        raise InputError(
+            f"unknown pretrained model {bare!r}; available: "
+            + (", ".join(PRETRAINED_PREFIX + n for n in names) if names else "none (rgkern/pretrained/ holds no model)")
+        )
+    return _PRETRAINED_DIR / f"{bare}.safetensors"
+
+
+def resolve_checkpoint(path) -> Path:
+    """``path`` as a file path: ``"pretrained:NAME"`` becomes the shipped file (:func:`pretrained_path`), anything else ``Path(path)``."""
+    if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
+        return pretrained_path(path)
+    return Path(path)
 
 
 def _json_sidecar(path: Path) -> Path:
@@ -243,7 +287,7 @@ def _read(path: Path):
 
 def read_document(path) -> dict:
     """The ``rgkern`` metadata document of checkpoint ``path`` (no tensor is read or checked)."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     metadata, _ = _open_metadata(path, with_tensors=False)
     return _parse_document(path, metadata)
 
@@ -348,7 +392,7 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
     """
     from ..core.model import convert_legacy_state_dict, is_legacy_state_dict
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     map_location = _check_device(map_location)
     document, tensors = _read(path)
     config = document["config"]
@@ -440,7 +484,7 @@ def _load_optimizer(path: Path, optimizer, document: dict, tensors: dict) -> Non
 
 
 def load_model(path, device="cpu", backend="auto"):
-    """An :class:`rgkern.RGFlow` rebuilt from the checkpoint at ``path``, in eval mode.
+    """An :class:`rgkern.RGFlow` rebuilt from the checkpoint at ``path`` (or ``"pretrained:NAME"``), in eval mode.
 
     ``backend="triton"`` on a device other than CUDA (without ``TRITON_INTERPRET=1``) is
     refused here with ``ValueError``, before the weights are read.
@@ -449,6 +493,7 @@ def load_model(path, device="cpu", backend="auto"):
 
     backend = check_backend(backend)
     device = _check_device(device)
+    path = resolve_checkpoint(path)
     if backend == "triton" and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # the kernels' own rule (kernels/launch.py)
             raise InputError(
@@ -459,3 +504,8 @@ def load_model(path, device="cpu", backend="auto"):
     model = result["model"].to(device)
     model.backend = backend
     return model.eval()
+
+
+def load_pretrained(name: str, device="cpu", backend="auto"):
+    """The shipped pretrained model ``name`` (e.g. ``"msds1-cpu"``; see :func:`pretrained_names`), as :func:`load_model` gives it."""
+    return load_model(pretrained_path(name), device=device, backend=backend)

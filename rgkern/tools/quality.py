@@ -43,18 +43,33 @@ checkpoint (``cpu`` preset, 2,000 steps, 3.219 held-out bits/dim; latent seed 0)
 oval-sized blobs, 22.7 blobs per image, colour spread 70.7, 16.6 specks per image; at 0.7
 29.9%, 18.4, 51.6, 22.3.
 
+:func:`traversal_cells` measures a latent traversal (:func:`rgkern.tools.explain.traverse`) per
+oval cell: how many of the 16 cells' ovals change colour over it, and how many change together
+(the paper's MSDS1 figure: one top-level latent recolours every oval of the image at once).
+
 Everything is numpy (no scipy): the blobs are found by a vectorised union-find over the
 whole batch, about 30 ms for 256 images on one core.
 """
 from __future__ import annotations
 
-
 import numpy as np
+import torch
 
 from ..core.errors import InputError
 from .plots import as_uint8_images
 
-__all__ = ["msds_quality", "label_blobs", "format_quality", "BRIGHT_THRESHOLD", "MIN_BLOB_SIZE", "OVAL_SIZE", "QUALITY_KEYS"]
+__all__ = [
+    "msds_quality",
+    "label_blobs",
+    "format_quality",
+    "traversal_cells",
+    "BRIGHT_THRESHOLD",
+    "MIN_BLOB_SIZE",
+    "OVAL_SIZE",
+    "QUALITY_KEYS",
+    "CELL_CHANGE_THRESHOLD",
+    "TOGETHER_COSINE",
+]
 
 #: A pixel is bright when its brightest channel is at least this (0..255).
 BRIGHT_THRESHOLD = 40
@@ -204,3 +219,79 @@ def format_quality(score: dict) -> str:
     if "specks_per_image" in score:
         parts.append(number("specks_per_image", "{:.1f}") + " specks per image")
     return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- traversals, per oval cell
+#: A cell's oval *changed colour* over a traversal when its mean colour moves by at least this
+#: much (Euclidean RGB distance on the 0..255 scale, between the two frames furthest apart).
+#: MSDS1 draws each oval's channels within +-32 of the image's base colour; 30 is a change the
+#: eye sees at once on the 4x magnified pictures.
+CELL_CHANGE_THRESHOLD = 30.0
+#: A changed cell changes *together* with the others when the cosine similarity of its colour
+#: path with the mean path of all changed cells is at least this.
+TOGETHER_COSINE = 0.5
+_CELLS, _CELL_SIZE = 4, 8
+
+
+def traversal_cells(frames, change_threshold: float = CELL_CHANGE_THRESHOLD, together_cosine: float = TOGETHER_COSINE) -> dict:
+    """How many of the 16 MSDS oval cells a traversal recolours, and how many recolour together.
+
+    ``frames``: uint8 images ``(B, V, 3, 32, 32)`` (torch or numpy): for each of B images the
+    V frames of one traversal (:func:`rgkern.tools.explain.traverse`, through
+    :func:`rgkern.postprocess`). An MSDS image is a 4x4 grid of 8x8 cells with one oval each
+    (:mod:`rgkern.data.msds`); cell ``k`` is grid row ``k // 4``, column ``k % 4``.
+
+    For every image, frame and cell, the oval's colour is the mean RGB colour of the cell's
+    bright pixels (brightest channel at least :data:`BRIGHT_THRESHOLD`). A cell is *found*
+    when it has a bright pixel in every frame. Its colour path is its colour at each frame
+    less its mean over the frames, ``(V, 3)``; its *change* is the largest distance between
+    the colours of two frames. A found cell *changed* when its change is at least
+    ``change_threshold``; a changed cell changed *together* when the cosine similarity of its
+    flattened path with the mean path of the image's changed cells is at least
+    ``together_cosine`` (its colour moves the same way at the same time: all ovals turning
+    from red to blue count, half of them turning the other way do not).
+
+    Returns a dict: ``change`` float64 ``(B, 16)`` (NaN for cells not found), ``found``,
+    ``changed``, ``together`` bool ``(B, 16)``, and per image int64 ``(B,)``:
+    ``cells_found``, ``cells_changed``, ``cells_together``.
+    """
+    shape = tuple(getattr(frames, "shape", ()))
+    if len(shape) != 5 or shape[0] == 0 or shape[1] < 2 or shape[2:] != (3, 32, 32):
+        if not isinstance(frames, (torch.Tensor, np.ndarray)):
+            as_uint8_images(frames)  # the type error
+        raise InputError(
+            f"frames must have shape (B, V, 3, 32, 32) with B >= 1 and V >= 2 (the frames of a traversal of MSDS images), "
+            f"got {shape}"
+        )
+    images = as_uint8_images(frames.reshape(-1, *shape[2:])).reshape(shape)
+    for name, value in (("change_threshold", change_threshold), ("together_cosine", together_cosine)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value!r}")
+    if not -1 <= together_cosine <= 1:
+        raise InputError(f"together_cosine must lie in [-1, 1], got {together_cosine!r}")
+    B, V = images.shape[:2]
+    # (B, V, 3, 4, 8, 4, 8) -> (B, V, 16 cells, 64 pixels, 3)
+    cells = images.reshape(B, V, 3, _CELLS, _CELL_SIZE, _CELLS, _CELL_SIZE).transpose(0, 1, 3, 5, 4, 6, 2)
+    cells = cells.reshape(B, V, _CELLS * _CELLS, _CELL_SIZE * _CELL_SIZE, 3).astype(np.float64)
+    bright = cells.max(axis=4) >= BRIGHT_THRESHOLD                      # (B, V, 16, 64)
+    count = bright.sum(axis=3)                                          # (B, V, 16)
+    found = (count > 0).all(axis=1)                                     # (B, 16)
+    colour = (cells * bright[..., None]).sum(axis=3) / np.maximum(count, 1)[..., None]  # (B, V, 16, 3)
+    pairwise = np.linalg.norm(colour[:, :, None] - colour[:, None], axis=4)            # (B, V, V, 16)
+    change = np.where(found, pairwise.max(axis=(1, 2)), np.nan)
+    changed = found & (np.nan_to_num(change, nan=0.0) >= change_threshold)
+    path = (colour - colour.mean(axis=1, keepdims=True)).transpose(0, 2, 1, 3).reshape(B, _CELLS * _CELLS, V * 3)
+    weights = changed[..., None].astype(np.float64)
+    mean_path = (path * weights).sum(axis=1, keepdims=True) / np.maximum(weights.sum(axis=1, keepdims=True), 1)
+    norms = np.linalg.norm(path, axis=2) * np.linalg.norm(mean_path, axis=2)
+    cosine = (path * mean_path).sum(axis=2) / np.where(norms > 0, norms, 1.0)
+    together = changed & (cosine >= together_cosine)
+    return {
+        "change": change,
+        "found": found,
+        "changed": changed,
+        "together": together,
+        "cells_found": found.sum(axis=1),
+        "cells_changed": changed.sum(axis=1),
+        "cells_together": together.sum(axis=1),
+    }
