@@ -82,7 +82,9 @@ def _dot(a, b, acc, ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: 
     if DOT_UPCAST:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif ACC_FP64:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # Broadcast and sum: Triton 3.6 has no float64 tl.dot (3.9 has); float64 is for the
+        # exactness tests, not for speed.
+        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
     elif DOT_TF32:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     else:
