@@ -495,9 +495,10 @@ class TileConfig(NamedTuple):
 
 
 # GPU tiles by compute dtype: rows per program, the widest tile over D and over H, warps.
-# tl.dot needs every tile dimension >= 16. Chosen so that no float32 or bfloat16 kernel
-# spills on sm_90 with Triton 3.6 and 3.9 (the ptxas log, scripts/compile_kernels.py;
-# bench/RESULTS.md has the registers and what sm_80 spills); float32 needs 8 warps for that.
+# tl.dot needs every tile dimension >= 16. Chosen from a sweep of a few configurations on one
+# half-step (D = 48, H = 70): there no float32 or bfloat16 kernel spills on sm_90 (float32
+# needs 8 warps for that); some smaller test shapes still spill a few bytes, and sm_80 does
+# (bench/RESULTS.md). Not measured for speed: no GPU was available.
 GPU_TILES = {
     torch.float32: TileConfig(32, 64, 64, 8),
     torch.bfloat16: TileConfig(32, 64, 64, 4),
