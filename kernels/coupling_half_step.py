@@ -505,6 +505,11 @@ GPU_TILES = {
     torch.float16: TileConfig(32, 64, 64, 4),
     torch.float64: TileConfig(16, 16, 16, 4),
 }
+# Registers a thread may use (PTX .maxnreg). Without it ptxas picked 64 to 128 for some fused
+# specialisations and spilled 4 to 36 B (scripts/compile_kernels.py, 22 of 360 in float32 and
+# bfloat16); with it they use what they need (e.g. 92) and none spills. Not timed on a GPU:
+# fewer resident programs per SM is the price where a kernel needs many registers.
+MAX_REGISTERS = 255
 # Under the interpreter each program and loop iteration costs Python time: one tile per width.
 INTERPRETER_MAX_TILE = 128
 MIN_TILE = 16
@@ -605,6 +610,7 @@ def coupling_half_step_forward(
             BLOCK_D=tiles.block_d,
             BLOCK_H=tiles.block_h,
             num_warps=tiles.num_warps,
+            maxnreg=MAX_REGISTERS,
         )
     return y, logdet, streams, hidden
 
@@ -671,6 +677,7 @@ def coupling_half_step_backward(
             BLOCK_D=tiles.block_d,
             BLOCK_H=tiles.block_h,
             num_warps=tiles.num_warps,
+            maxnreg=MAX_REGISTERS,
             **flags,
         )
     sums = partial.sum(dim=0)
@@ -698,6 +705,7 @@ def coupling_half_step_backward(
             BLOCK_OUT=block_out,
             BLOCK_IN=block_in,
             num_warps=tiles.num_warps,
+            maxnreg=MAX_REGISTERS,
             **flags,
         )
         return grad_w, grad_b
