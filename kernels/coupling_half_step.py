@@ -52,7 +52,7 @@ import triton.language as tl
 
 from rgkern.core.precision import accumulator_dtype
 
-from .affine_coupling import TANH_SERIES_LIMIT, _tanh
+from .affine_coupling import TANH_SERIES_LIMIT, _load_tile, _tanh
 from .launch import interpreter_requested, launch_kernel
 from . import launch as _launch
 
@@ -68,7 +68,8 @@ __all__ = [
     "coupling_half_step_backward",
 ]
 
-SQRT_HALF = 1 / math.sqrt(2)
+# The residual's 1/sqrt(2); a constexpr so that the kernels may read it.
+SQRT_HALF = tl.constexpr(1 / math.sqrt(2))
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -107,20 +108,27 @@ def _load(ptr, mask, ACC_FP64: tl.constexpr, SCRATCH: tl.constexpr):
     are read from L2 (``.cg``), past the SM's L1."""
     if SCRATCH:
         v = tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+        if ACC_FP64:
+            v = v.to(tl.float64)
+        else:
+            v = v.to(tl.float32)
     else:
-        v = tl.load(ptr, mask=mask, other=0.0)
-    if ACC_FP64:
-        v = v.to(tl.float64)
-    else:
-        v = v.to(tl.float32)
+        v = _load_tile(ptr, 0, mask, ACC_FP64)
     return v
 
 
 @triton.jit
-def _sigmoid(z):
-    """``1 / (1 + exp(-z))`` from ``exp(-|z|)``, which cannot overflow."""
+def _sigmoid_and_derivative(z):
+    """``sigmoid(z)`` and ``sigmoid(z) * (1 - sigmoid(z))`` from ``exp(-|z|)``: no overflow, and
+    no cancellation in the derivative where sigmoid(z) is near 1."""
     e = tl.exp(-tl.abs(z))
-    return tl.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    return tl.where(z >= 0, 1 / (1 + e), e / (1 + e)), e / ((1 + e) * (1 + e))
+
+
+@triton.jit
+def _sigmoid(z):
+    sig, _ = _sigmoid_and_derivative(z)
+    return sig
 
 
 @triton.jit
@@ -150,7 +158,7 @@ def _linear_forward(
         offsets = rows[:, None] * OUT_W + cols[None, :]
         live = row_live[:, None] & col_live[None, :]
         if RESIDUAL:
-            out += 0.7071067811865476 * _load(residual + offsets, live, ACC_FP64, True)
+            out += SQRT_HALF * _load(residual + offsets, live, ACC_FP64, True)
         tl.store(dst + offsets, out.to(dst.dtype.element_ty), mask=live)
     tl.debug_barrier()  # the next linear reads these rows in other threads' tiles
 
@@ -184,17 +192,22 @@ def _linear_input_grad(
         live = row_live[:, None] & k_live[None, :]
         u = _load(src + offsets, live, ACC_FP64, True)
         beta = _load(slope + ks, k_live, ACC_FP64, False)[None, :]
-        z = beta * u
-        e = tl.exp(-tl.abs(z))
-        sig = tl.where(z >= 0, 1 / (1 + e), e / (1 + e))
-        dsig = e / ((1 + e) * (1 + e))  # sigmoid(z) * (1 - sigmoid(z)) without the cancellation
+        sig, dsig = _sigmoid_and_derivative(beta * u)
         grad_u = acc * (sig + beta * u * dsig)
         # Dead rows loaded zeros (g = 0), so they add nothing to the sum.
         tl.store(partial + ks, tl.sum(acc * u * u * dsig, axis=0), mask=k_live)
         if RESIDUAL:
-            grad_u += 0.7071067811865476 * _load(grad_residual + offsets, live, ACC_FP64, True)
+            grad_u += SQRT_HALF * _load(grad_residual + offsets, live, ACC_FP64, True)
         tl.store(grad_src + offsets, grad_u.to(grad_src.dtype.element_ty), mask=live)
     tl.debug_barrier()
+
+
+@triton.jit
+def _row_block(pid, n_rows, DIM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Program ``pid``'s rows (int64), which are live, and the int64 strides of one network in
+    the ``(slots, 2, n_rows, DIM)`` stream and ``(slots, 2, n_rows, HIDDEN)`` hidden buffers."""
+    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return rows, rows < n_rows, tl.full([], DIM, tl.int64) * n_rows, tl.full([], HIDDEN, tl.int64) * n_rows
 
 
 # --------------------------------------------------------------------------- kernels
@@ -219,10 +232,7 @@ def coupling_half_step_fwd_kernel(
     slot ``(i * n_mlp + j) % hidden_slots`` with ``n_mlp = n_mid + 1``.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_live = rows < n_rows
-    net_stream = tl.full([], DIM, tl.int64) * n_rows
-    net_hidden = tl.full([], HIDDEN, tl.int64) * n_rows
+    rows, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
     slot_stream = 2 * net_stream
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
@@ -309,10 +319,7 @@ def coupling_half_step_bwd_kernel(
     gradients and of the slope gradients of the first, mid and last linears at the offsets.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_live = rows < n_rows
-    net_stream = tl.full([], DIM, tl.int64) * n_rows
-    net_hidden = tl.full([], HIDDEN, tl.int64) * n_rows
+    rows, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
     slot_stream = 2 * net_stream
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
