@@ -112,8 +112,12 @@ class Sublayer(nn.Module):
             logdet = logdet + ld
         return rows, logdet
 
-    # forward (gather, transform_rows, scatter) is the current Sublayer's: one shared frame.
-    forward = model.Sublayer.forward
+    def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
+        # The frame of the first layout: gather the rows in row order, the block stack, scatter.
+        row_index = self.geometry.row_index(self.index, x.device)
+        rows = ops.gather_patches(x, row_index, backend)
+        rows, logdet = self.transform_rows(rows, inverse, backend)
+        return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
 
 
 class RGFlow(rgkern.RGFlow):

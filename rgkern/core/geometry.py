@@ -196,6 +196,27 @@ class Geometry:
 
         return self._cached(("row", sublayer), device, build)
 
+    def checkerboard_order(self, device="cpu", inverse: bool = False) -> torch.Tensor:
+        """LongTensor ``(D,)``: the row entries with the mask's conditioning half first.
+
+        ``rows[:, order]`` holds the ``D/2`` entries where :meth:`coupling_mask` is 1 (in row
+        order), then the ``D/2`` where it is 0, so that each half-step's conditioning and
+        updated entries are two contiguous halves (the first or the second, by ``flipped``).
+        With ``inverse`` the permutation back: ``rows[:, order][:, inverse_order] == rows``.
+        """
+        def build():
+            order = torch.argsort(1 - self.mask, stable=True)  # the ones, then the zeros, each in row order
+            return torch.argsort(order) if inverse else order
+
+        return self._cached(("checkerboard", inverse), device, build)
+
+    def checkerboard_row_index(self, sublayer: int, device="cpu") -> torch.Tensor:
+        """:meth:`row_index` with its entries in :meth:`checkerboard_order`: gathering with it
+        gives the rows already split into the two coupling halves."""
+        return self._cached(
+            ("row_checkerboard", sublayer), device, lambda: self.row_index(sublayer)[:, self.checkerboard_order()].contiguous()
+        )
+
     def coupling_mask(self, device="cpu", dtype=torch.float32, flipped: bool = False) -> torch.Tensor:
         """Checkerboard mask ``(D,)`` of a coupling half-step (1 = conditioning half).
 

@@ -29,9 +29,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import ops, reference
 from .errors import InputError, InputTypeError
 from .geometry import Geometry, get_geometry
 from .precision import accumulator_dtype
@@ -116,7 +117,7 @@ class CouplingNetworks(nn.Module):
     def extra_repr(self) -> str:
         return f"pairs={self.pairs}, dim={self.dim}, n_res={self.n_res}, n_mlp={self.n_mlp}"
 
-    def prepared(self, device: torch.device, fused: bool = False) -> "PreparedNetworks":
+    def prepared(self, device: torch.device, fused: bool = False, order: torch.Tensor | None = None) -> "PreparedNetworks":
         """The per-pass tensors of :meth:`run` (see :class:`PreparedNetworks`).
 
         The weight norm runs once per stacked tensor (``torch._weight_norm`` over the input
@@ -124,16 +125,34 @@ class CouplingNetworks(nn.Module):
         autocast the results are cast to the autocast dtype here, once per pass, so the
         GEMMs do not cast them per call (with ``fused`` only the weights). With ``fused`` the tensors come as one
         :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights` per pair, the layout of
-        the fused half-step kernels (``backend="triton"``).
+        the fused half-step kernels (``backend="triton"``). Without, ``order`` (the
+        geometry's :meth:`~rgkern.core.geometry.Geometry.checkerboard_order`, required)
+        permutes every ``D``-wide axis (the first linear's inputs and slopes, the last
+        linear's outputs and biases) into the order of the rows :meth:`run` reads, and the
+        coupling's ``s`` and ``t`` scales are folded into the weight-norm magnitudes and biases
+        of each pair's last linear (``scale * (a @ W + B) = a @ (scale * W) + scale * B``), so
+        that :meth:`run` returns ``s`` and ``t`` scaled, with no element-wise pass of its own.
         """
+        if not fused and order is None:
+            raise InputError("prepared() without fused needs the checkerboard order of the rows (Geometry.checkerboard_order)")
         cast = _autocast_dtype(device)
         weights, biases, slopes = [], [], []
         last = len(self.directions) - 1
+        if not fused:
+            # (P, 2, D): the coupling's s and t scales, folded into the outputs of each pair's
+            # last linear (see run), so that s_raw and t_raw come out scaled.
+            scales = torch.stack((self.s_scale, self.t_scale), dim=1)
+            out_scales = scales[:, None, :, :, None] * SQRT_HALF
+            if self.n_res > 1:  # the other blocks' last linears only carry the residual's 1/sqrt(2)
+                out_scales = torch.cat((out_scales.new_full((self.pairs, self.n_res - 1, NETWORKS, self.dim, 1), SQRT_HALF), out_scales), dim=1)
         for j, (v, g, b, slope) in enumerate(zip(self.directions, self.magnitudes, self.biases, self.slopes)):
             w_out, w_in = v.shape[-2:]
             if j == last:
                 # The residual's 1/sqrt(2) is folded into the last linear of each block (see run).
-                g, b = g * SQRT_HALF, b * SQRT_HALF
+                if fused:
+                    g, b = g * SQRT_HALF, b * SQRT_HALF
+                else:
+                    g, b = g * out_scales, b * out_scales.transpose(-1, -2)
             w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
             if cast is not None:
                 # The fused kernels read biases and slopes in float32 anyway: only their
@@ -147,15 +166,24 @@ class CouplingNetworks(nn.Module):
                 biases.append(b.view(*lead, w_out))
                 slopes.append(slope.view(*lead, w_in))
                 continue
+            w, b, slope = w.view(-1, NETWORKS, w_out, w_in), b.view(-1, NETWORKS, 1, w_out), slope.view(-1, NETWORKS, 1, w_in)
+            if j == 0:
+                w, slope = w.index_select(-1, order), slope.index_select(-1, order)
+            if j == last:
+                w, b = w.index_select(-2, order), b.index_select(-1, order)
             # One unbind per tensor: its backward is one stack, where indexing per half-step
             # would give one full-size select_backward per use.
-            weights.append(w.view(-1, NETWORKS, w_out, w_in).transpose(-1, -2).unbind(0))
-            biases.append(b.view(-1, NETWORKS, 1, w_out).unbind(0))
-            slopes.append(slope.view(-1, NETWORKS, 1, w_in).unbind(0))
-        scales = self.s_scale.unbind(0), self.t_scale.unbind(0)
+            weights.append(w.transpose(-1, -2).unbind(0))
+            biases.append(b.unbind(0))
+            slopes.append(slope.unbind(0))
         if fused:
-            return PreparedNetworks(None, None, None, *scales, cast, self._half_steps(weights, biases, slopes))
-        return PreparedNetworks(weights, biases, slopes, *scales, cast)
+            return PreparedNetworks(None, None, None, self.s_scale.unbind(0), self.t_scale.unbind(0), cast,
+                                    self._half_steps(weights, biases, slopes))
+        residual_scales = None
+        if self.n_res > 1:  # the last block's residual, scaled like its linear
+            residual_scales = (scales * SQRT_HALF).index_select(-1, order).unsqueeze(-2)
+            residual_scales = (residual_scales if cast is None else residual_scales.to(cast)).unbind(0)
+        return PreparedNetworks(weights, biases, slopes, None, None, cast, residual_scales=residual_scales)
 
     def _half_steps(self, weights, biases, slopes) -> tuple:
         """Per pair, the :class:`HalfStepWeights` of stacked ``(P, R, 2, ...)`` tensors per linear."""
@@ -179,42 +207,75 @@ class CouplingNetworks(nn.Module):
             for p in range(self.pairs)
         )
 
-    def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks") -> torch.Tensor:
-        """``s_raw`` and ``t_raw`` stacked ``(2, N, D)`` of half-step ``pair`` from masked rows ``(N, D)``."""
+    def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks", flipped: bool) -> torch.Tensor:
+        """``s_raw`` and ``t_raw`` stacked ``(2, N, D/2)`` of half-step ``pair``, times their
+        scales (``s_scale``, ``t_scale``), on the half it updates.
+
+        The rows are in the checkerboard order of :meth:`prepared`: the conditioning half
+        (``conditioner`` ``(N, D/2)``) is the first ``D/2`` entries, or the last with
+        ``flipped``, and the updated half the others. The networks' input is the masked row,
+        zero outside the conditioning half, so the first linear reads only those inputs; the
+        coupling needs ``s`` and ``t`` only on the updated half, so the last linear computes
+        only those outputs.
+        """
+        half = self.dim // 2
+        cond_cols, out_cols = (slice(half, None), slice(0, half)) if flipped else (slice(0, half), slice(half, None))
         # Under autocast the networks run in its dtype from the start (one cast per
         # half-step, rather than one per GEMM input of the first block).
         x = conditioner if prepared.dtype is None else conditioner.to(prepared.dtype)
         last = len(prepared.weights) - 1
-        for i in range(pair * self.n_res, (pair + 1) * self.n_res):
+        first_block, last_block = pair * self.n_res, (pair + 1) * self.n_res - 1
+        for i in range(first_block, last_block + 1):
             h = x
             for j, (w, b, slope) in enumerate(zip(prepared.weights, prepared.biases, prepared.slopes)):
-                a = h * torch.sigmoid(slope[i] * h)
-                if j == last:
-                    # (x + a @ W + B) / sqrt(2) = (b + x / sqrt(2)) + a @ w with the block's
-                    # last w = W / sqrt(2) and b = B / sqrt(2) from prepared().
-                    x = torch.baddbmm(torch.add(b[i], x, alpha=SQRT_HALF), a, w[i])
+                w, b, slope = w[i], b[i], slope[i]
+                if i == first_block and j == 0:
+                    w, slope = w[:, cond_cols], slope[..., cond_cols]
+                if i == last_block and j == last:
+                    w, b = w[..., out_cols], b[..., out_cols]
+                a = h * torch.sigmoid(slope * h)
+                if j < last:
+                    h = torch.baddbmm(b, a, w)
+                    continue
+                # (x + a @ W + B) / sqrt(2) = (b + x / sqrt(2)) + a @ w with the block's
+                # last w = W / sqrt(2) and b = B / sqrt(2) from prepared() (on the last block
+                # also times the s and t scales, and so its residual). The first block's x is
+                # the conditioning half alone: zero on the updated half.
+                if i == first_block and i == last_block:
+                    base = b
+                elif i == first_block:
+                    base = torch.add(b, F.pad(x, (half, 0) if flipped else (0, half)), alpha=SQRT_HALF)
+                elif i == last_block:
+                    base = torch.addcmul(b, x[..., out_cols], prepared.residual_scales[pair][..., out_cols])
                 else:
-                    h = torch.baddbmm(b[i], a, w[i])
+                    base = torch.add(b, x, alpha=SQRT_HALF)
+                x = torch.baddbmm(base, a, w)
         return x
 
 
 class PreparedNetworks(NamedTuple):
-    """Per-pass tensors of :class:`CouplingNetworks`, each a tuple indexed by ``pair * n_res + block``.
+    """Per-pass tensors of :class:`CouplingNetworks` (:meth:`CouplingNetworks.prepared`).
 
-    ``weights[j][i]`` ``(2, w_in, w_out)`` weight-normalised; ``biases[j][i]`` ``(2, 1, w_out)``;
-    ``slopes[j][i]`` ``(2, 1, w_in)``; ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)``;
-    ``dtype``: the autocast dtype they were cast to, or None. For the fused kernels
-    (``prepared(fused=True)``) weights, biases and slopes are None and ``half_steps[pair]``
-    holds the pair's :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights`.
+    ``dtype``: the autocast dtype the tensors were cast to, or None. The torch path
+    (``fused=False``): ``weights[j][i]`` ``(2, w_in, w_out)`` weight-normalised, ``biases[j][i]``
+    ``(2, 1, w_out)``, ``slopes[j][i]`` ``(2, 1, w_in)``, indexed by linear ``j`` and ``i =
+    pair * n_res + block``, every ``D``-wide axis in the checkerboard order, the last linears
+    carrying the residual's 1/sqrt(2) and, on each pair's last block, the coupling's s and t
+    scales; ``residual_scales[pair]`` ``(2, 1, D)``: those scales times 1/sqrt(2), for the last
+    block's residual (None with one block). The fused path: ``half_steps[pair]`` holds the
+    pair's :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights` (row order, the last
+    linears carrying 1/sqrt(2)) and ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)`` the scales.
+    Fields of the other path are None.
     """
 
-    weights: list
-    biases: list
-    slopes: list
-    s_scales: tuple
-    t_scales: tuple
+    weights: list | None
+    biases: list | None
+    slopes: list | None
+    s_scales: tuple | None
+    t_scales: tuple | None
     dtype: torch.dtype | None
     half_steps: tuple | None = None
+    residual_scales: tuple | None = None
 
 
 class Sublayer(nn.Module):
@@ -244,22 +305,38 @@ class Sublayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.geometry.sublayers[self.index].name}, blocks={self.num_blocks}"
 
-    def coupling(self, rows: torch.Tensor, step: int, inverse: bool, backend: str, prepared=None):
-        """Coupling half-step ``step`` (``2 * block + flipped``) on patch rows ``(N, D)``.
+    def prepared(self, device: torch.device, backend: str) -> PreparedNetworks:
+        """This pass's :meth:`CouplingNetworks.prepared` for ``backend`` (``"torch"`` or ``"triton"``)."""
+        if backend == "triton":
+            return self.networks.prepared(device, fused=True)
+        return self.networks.prepared(device, order=self.geometry.checkerboard_order(device))
 
-        Returns the new rows and the per-row log-det ``(N,)``. ``prepared``: this pass's
-        :meth:`CouplingNetworks.prepared` (computed here when None).
+    def coupling(self, rows, step: int, inverse: bool, backend: str, prepared=None):
+        """Coupling half-step ``step`` (``2 * block + flipped``) on patch rows.
+
+        ``rows`` in the layout of ``backend``: for ``"triton"`` a tensor ``(N, D)`` in row
+        order (the fused kernel masks it); for ``"torch"`` the pair ``(first, second)`` of
+        ``(N, D/2)`` halves of the rows in the geometry's checkerboard order
+        (:meth:`transform_rows` converts), of which the half-step updates the second from the
+        first (with ``flipped``, the first from the second). Returns the new rows in the same
+        layout and the per-row log-det ``(N,)``. ``prepared``: this pass's :meth:`prepared`
+        (computed here when None).
         """
         if prepared is None:
-            prepared = self.networks.prepared(rows.device, fused=backend == "triton")
+            prepared = self.prepared(self.networks.s_scale.device, backend)
         block, flipped = divmod(step, 2)
         pair = step if self.networks_per_block == 2 else block
-        mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(flipped))
-        s_scale, t_scale = prepared.s_scales[pair], prepared.t_scales[pair]
         if prepared.half_steps is not None:
-            return ops.coupling_half_step(rows, mask, s_scale, t_scale, prepared.half_steps[pair], inverse, backend)
-        s_raw, t_raw = self.networks.run(rows * mask, pair, prepared).unbind(0)
-        return ops.affine_coupling(rows, s_raw, t_raw, s_scale, t_scale, mask, inverse, backend)
+            mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(flipped))
+            return ops.coupling_half_step(rows, mask, prepared.s_scales[pair], prepared.t_scales[pair],
+                                          prepared.half_steps[pair], inverse, backend)
+        first, second = rows
+        conditioner, free = (second, first) if flipped else (first, second)
+        raw = self.networks.run(conditioner, pair, prepared, bool(flipped))
+        # Under autocast the coupling itself (tanh, exp, the update) stays in the rows' dtype.
+        s_pre, t = (raw if raw.dtype == free.dtype else raw.to(free.dtype)).unbind(0)
+        updated, logdet = reference.affine_update(free, s_pre, t, inverse)
+        return ((updated, conditioner) if flipped else (conditioner, updated)), logdet
 
     def _block(self, rows, logdet, block: int, inverse: bool, backend: str, prepared):
         """The two half-steps of RNVP block ``block`` (in reverse for the inverse)."""
@@ -268,23 +345,35 @@ class Sublayer(nn.Module):
             logdet = logdet + ld
         return rows, logdet
 
-    def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str):
-        """Run the block stack on patch rows ``(N, D)``; returns rows and per-row log-det ``(N,)``."""
-        prepared = self.networks.prepared(rows.device, fused=backend == "triton")
+    def _blocks(self, rows: torch.Tensor, inverse: bool, backend: str):
+        """The block stack on rows ``(N, D)``: row order for ``"triton"``, checkerboard order for ``"torch"``."""
+        prepared = self.prepared(rows.device, backend)
         logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
+        fused = prepared.half_steps is not None
+        # The torch path carries the two halves apart (coupling), joined once at the end.
+        state = rows if fused else rows.split(rows.shape[1] // 2, dim=1)
         blocks = range(self.num_blocks - 1, -1, -1) if inverse else range(self.num_blocks)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse
         for block in blocks:
             if recompute:
-                rows, logdet = checkpoint(self._block, rows, logdet, block, inverse, backend, prepared, use_reentrant=False)
+                state, logdet = checkpoint(self._block, state, logdet, block, inverse, backend, prepared, use_reentrant=False)
             else:
-                rows, logdet = self._block(rows, logdet, block, inverse, backend, prepared)
-        return rows, logdet
+                state, logdet = self._block(state, logdet, block, inverse, backend, prepared)
+        return (state if fused else torch.cat(state, dim=1)), logdet
+
+    def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str):
+        """Run the block stack on patch rows ``(N, D)`` in row order; returns rows and per-row log-det ``(N,)``."""
+        if backend == "triton":
+            return self._blocks(rows, inverse, backend)
+        rows, logdet = self._blocks(rows.index_select(1, self.geometry.checkerboard_order(rows.device)), inverse, backend)
+        return rows.index_select(1, self.geometry.checkerboard_order(rows.device, inverse=True)), logdet
 
     def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
-        row_index = self.geometry.row_index(self.index, x.device)
+        # The torch path gathers the rows straight into its checkerboard order.
+        index = self.geometry.row_index if backend == "triton" else self.geometry.checkerboard_row_index
+        row_index = index(self.index, x.device)
         rows = ops.gather_patches(x, row_index, backend)
-        rows, logdet = self.transform_rows(rows, inverse, backend)
+        rows, logdet = self._blocks(rows, inverse, backend)
         return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .precision import accumulator_dtype
 
-__all__ = ["gather_patches", "scatter_patches", "affine_coupling", "coupling_half_step"]
+__all__ = ["gather_patches", "scatter_patches", "affine_coupling", "affine_update", "coupling_half_step"]
 
 
 def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
@@ -67,13 +67,33 @@ def affine_coupling(
     # With the mask folded into the scales, s and t are exactly 0 on the conditioning half
     # (tanh(0) = 0), where x * exp(0) + 0 = x exactly: the formulas above in fewer passes.
     keep = 1 - mask
-    s = torch.tanh((s_scale * keep) * s_raw)
-    t = (t_scale * keep) * t_raw
+    return affine_update(x, (s_scale * keep) * s_raw, (t_scale * keep) * t_raw, inverse)
+
+
+def affine_update(
+    x: torch.Tensor, s_pre: torch.Tensor, t: torch.Tensor, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine update of the entries a coupling half-step changes, from its scaled ``s`` and ``t``.
+
+    With ``s = tanh(s_pre)``::
+
+        forward:  y = x * exp(s) + t,      logdet =  sum(s)
+        inverse:  y = (x - t) * exp(-s),   logdet = -sum(s)
+
+    :func:`affine_coupling` is this with ``s_pre = s_scale * s_raw`` and ``t = t_scale *
+    t_raw``, the mask folded into the scales; the model's torch path calls it on the updated
+    half of the rows alone, the scales folded into its networks' last linears (``Sublayer``).
+
+    Args:
+        x, s_pre, t: ``(N, W)``.
+    Returns:
+        y ``(N, W)`` and the per-row log-det ``(N,)``, float64 for float64 ``x``, else float32.
+    """
+    s = torch.tanh(s_pre)
     logdet = s.to(accumulator_dtype(x.dtype)).sum(dim=1)
     if inverse:
         return (x - t) * torch.exp(-s), -logdet
     return torch.addcmul(t, x, torch.exp(s)), logdet
-
 
 
 def coupling_half_step(
