@@ -1,5 +1,5 @@
 """Tests for the training options a user of the authors' code expects: random horizontal flips,
-float64 training, no gradient clipping, the architecture and optimiser flags of ``train``,
+float64 training, no gradient clipping, learning-rate schedules, the architecture and optimiser flags of ``train``,
 ``--resume`` taking the run's own settings, and the CelebA / MNIST data through the CLI."""
 import json
 import math
@@ -10,7 +10,7 @@ import torch
 from rgkern import cli
 from rgkern.core.preprocess import bits_per_dim, preprocess
 from rgkern.tools.checkpoint import load_checkpoint, load_model, read_document, save_checkpoint
-from rgkern.tools.presets import make_config, resume_config
+from rgkern.tools.presets import learning_rate, make_config, resume_config
 from rgkern.tools.train import CHECKPOINT_NAME, Trainer, batch_indices, build_model, evaluate_bpd, flip_mask, load_images, train
 
 
@@ -198,12 +198,67 @@ def test_resume_of_a_checkpoint_that_predates_the_new_settings(tmp_path, images)
     assert [e["step"] for e in result.history] == [0, 2, 3]
 
 
+# ----------------------------------------------------------------------------- learning-rate schedules
+def test_learning_rate_schedules():
+    constant = tiny(lr=0.02, steps=100)
+    assert [learning_rate(constant, s) for s in (0, 50, 99)] == [0.02] * 3
+    warm = tiny(lr=0.02, steps=100, warmup_steps=4)
+    assert [learning_rate(warm, s) for s in range(6)] == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02, 0.02])
+    cosine = tiny(lr=0.02, steps=104, warmup_steps=4, lr_schedule="cosine")
+    rates = [learning_rate(cosine, s) for s in range(104)]
+    assert rates[:5] == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02])
+    assert rates[54] == pytest.approx(0.01)  # half way through the decay
+    assert all(a > b > 0 for a, b in zip(rates[4:], rates[5:]))  # falls every step, never to 0 within the run
+    assert rates[-1] == pytest.approx(0.02 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+
+
+def test_schedule_settings_are_checked():
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
+        tiny(lr_schedule="linear")
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
+        tiny(warmup_steps=-1)
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got 2.5"):
+        tiny(warmup_steps=2.5)
+
+
+def test_the_optimiser_uses_the_schedule_and_a_resumed_run_follows_it(tmp_path, images):
+    config = tiny(steps=6, eval_every=2, checkpoint_every=100, lr=0.01, lr_schedule="cosine", warmup_steps=2)
+    straight = trainer(config, images, tmp_path / "straight")
+    seen = []
+    step = straight.optimizer.step
+
+    def spy():
+        seen.append(straight.optimizer.param_groups[0]["lr"])
+        return step()
+
+    straight.optimizer.step = spy
+    straight.fit(progress=False)
+    assert seen == [learning_rate(config, s) for s in range(6)]
+    assert seen[:3] == pytest.approx([0.005, 0.01, 0.01]) and seen[2] > seen[3] > seen[4] > seen[5] > 0
+    assert [e["lr"] for e in straight.history] == [learning_rate(config, s) for s in (0, 1, 3, 5)]
+
+    # The same run stopped (by a time limit) after its first update and resumed: bit-identical
+    # (the schedule is a pure function of the step) ...
+    first = trainer(config, images, tmp_path / "split")
+    first.fit(progress=False, time_limit=0)
+    assert first.step == 1
+    second = trainer(config, images, tmp_path / "split")
+    second.resume()
+    second.fit(progress=False)
+    assert second.step == 6
+    assert_same_state(straight.model, second.model)
+    # ... and resuming it with another schedule is refused.
+    with pytest.raises(ValueError, match="lr_schedule"):
+        trainer(tiny(steps=6, eval_every=2, checkpoint_every=100, lr=0.01, warmup_steps=2), images, tmp_path / "split").resume()
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_model_and_optimiser_flags_reach_the_config_and_the_model(tmp_path, capsys):
     out = tmp_path / "run"
     argv = CLI_TINY + [
         "--out", str(out), "--n-layers", "1,2,1,1", "--hidden", "6", "--n-res", "2", "--n-mlp", "1,0,1,0",
         "--prior", "gaussian", "--weight-decay", "0.25", "--clip-norm", "0", "--dtype", "float64", "--hflip",
+        "--lr-schedule", "cosine", "--warmup-steps", "1",
     ]
     code, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -213,6 +268,7 @@ def test_model_and_optimiser_flags_reach_the_config_and_the_model(tmp_path, caps
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     saved = read_document(out / CHECKPOINT_NAME)["info"]["train_config"]
     assert saved["weight_decay"] == 0.25 and saved["grad_clip"] == 0.0 and saved["hflip"] is True and saved["dtype"] == "float64"
+    assert saved["lr_schedule"] == "cosine" and saved["warmup_steps"] == 1
     state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["model"].config == model.config
     # --resume with none of the flags continues the same run ...
@@ -240,6 +296,8 @@ def test_model_and_optimiser_flags_reach_the_config_and_the_model(tmp_path, caps
         (["--weight-decay", "-1"], "weight_decay must be a finite number >= 0, got -1.0"),
         (["--clip-norm", "inf"], "grad_clip must be a finite number >= 0, got inf"),
         (["--dtype", "float64", "--bf16"], "bf16 autocast is for float32 models"),
+        (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
+        (["--warmup-steps", "-3"], "argument --warmup-steps: expected an integer >= 0 (at most 2**62), got '-3'"),
     ],
 )
 def test_bad_model_flags_are_one_line_errors(tmp_path, capsys, flags, fragment):

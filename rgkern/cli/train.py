@@ -18,6 +18,7 @@ from .options import (
     add_speed_options,
     checkpoint_path,
     default_device,
+    nonnegative_int,
     positive_float,
     positive_int,
     seed,
@@ -37,7 +38,7 @@ def add_cli(subparsers) -> None:
 # ----------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
     from ..data import DATASET_NAMES
-    from ..tools.presets import preset_names
+    from ..tools.presets import LR_SCHEDULES, preset_names
 
     parser = subparsers.add_parser(
         "train",
@@ -59,6 +60,14 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--steps", type=positive_int, default=None, help="total optimiser steps")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (split over the processes under torchrun)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's; 1e-3 in the paper presets)")
+    parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default=None,
+        help="learning rate over the run: constant, or cosine decay to 0 at the last step (default: the preset's)",
+    )
+    parser.add_argument(
+        "--warmup-steps", type=nonnegative_int, default=None,
+        help="linear learning-rate warm-up over the first N steps (default: the preset's; 0 in the paper presets)",
+    )
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 5e-5)")
     parser.add_argument("--clip-norm", type=float, default=None, help="clip gradients at this global norm; 0: no clipping (default 1)")
     parser.add_argument("--hflip", action="store_true", help="flip each training image left-right with probability 1/2, anew every batch (the paper's CelebA training)")
@@ -172,6 +181,8 @@ def run_train(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         grad_clip=args.clip_norm,
         hflip=args.hflip or None,

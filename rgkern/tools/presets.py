@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 from ..core.errors import InputError, InputTypeError
 
-__all__ = ["PRESETS", "DTYPES", "DEFAULT_SAMPLE_TEMPERATURES", "MAX_SAMPLE_TEMPERATURES", "TrainConfig", "make_config", "resume_config", "preset_names"]
+__all__ = ["PRESETS", "DTYPES", "LR_SCHEDULES", "learning_rate", "DEFAULT_SAMPLE_TEMPERATURES", "MAX_SAMPLE_TEMPERATURES", "TrainConfig", "make_config", "resume_config", "preset_names"]
 
 #: The parameter dtypes a run can train in (``TrainConfig.dtype``).
 DTYPES = ("float32", "float64")
+#: Learning-rate schedules (``TrainConfig.lr_schedule``): "constant", or "cosine" decay to 0
+#: at the last step; both after ``warmup_steps`` of linear warm-up.
+LR_SCHEDULES = ("constant", "cosine")
 #: The default ``TrainConfig.sample_temperatures``: 1 and a lower one, as flow papers show samples.
 DEFAULT_SAMPLE_TEMPERATURES = (1.0, 0.7)
 #: At most this many sample temperatures (row groups of samples.png).
@@ -112,6 +115,9 @@ class TrainConfig:
     drawn afresh for every batch (the paper does so for CelebA); the flips are a function of
     ``seed`` and the step, so a resumed run stays bit-identical. ``dtype``: ``"float32"`` or
     ``"float64"``, the dtype of the model's parameters and of the preprocessed data.
+    ``lr_schedule``: one of :data:`LR_SCHEDULES`; ``warmup_steps``: updates of linear warm-up
+    from ``lr / warmup_steps`` to ``lr`` (:func:`learning_rate` gives the rate of every update;
+    the cosine decay spans ``steps``, so a run resumed with more steps decays anew from there).
     ``bf16``: bfloat16 autocast around the model (see :meth:`Trainer.loss`). ``compile``:
     ``torch.compile`` the model's ``log_prob`` (fullgraph); ``cuda_graphs``: the same with
     ``mode="reduce-overhead"`` (CUDA graphs; CUDA only, implies ``compile``). ``batch_size``
@@ -132,6 +138,8 @@ class TrainConfig:
     test_size: int | None = None
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 5e-5
     grad_clip: float = 1.0
     hflip: bool = False
@@ -167,6 +175,10 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
             raise InputError(f"lr must be > 0, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         for name in ("bf16", "compile", "cuda_graphs", "activation_checkpointing", "hflip"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -196,6 +208,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of update ``step`` (0-based) of a run with ``config``.
+
+    Linear warm-up over the first ``warmup_steps`` updates (``lr * (step + 1) / warmup_steps``),
+    then ``lr`` ("constant") or ``lr * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 at the
+    end of the warm-up to ``1 - 1 / (steps - warmup_steps)`` at the last update ("cosine").
+    A pure function of its arguments, so a resumed run follows the same schedule.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_config(preset: str = "cpu", **overrides) -> TrainConfig:

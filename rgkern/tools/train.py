@@ -84,7 +84,7 @@ from .checkpoint import load_checkpoint, repair_sidecar, save_checkpoint
 from .compile import compile_function
 from .distributed import DistributedContext
 from .files import atomic_write, create_temporary, describe_holder, remove_orphans, run_lock
-from .presets import PRESETS, TrainConfig
+from .presets import PRESETS, TrainConfig, learning_rate
 from .quality import msds_quality
 from .sampling import sample_images, temperature_label
 
@@ -119,7 +119,7 @@ HISTORY_NAME = "history.json"
 
 # Settings that fix the trajectory of a run: resuming with any of them changed would not
 # continue the same run, so it is refused.
-_RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "weight_decay", "grad_clip", "seed", "bf16", "hflip", "dtype")
+_RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "seed", "bf16", "hflip", "dtype")
 
 
 class NonFiniteError(InputError, RuntimeError):
@@ -505,6 +505,8 @@ class Trainer:
                     f"and {last}. Try a lower learning rate, or resume from the checkpoint",
                     number,
                 )
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.step)
         self.optimizer.step()
         self.step = number
         self._loss_sum += loss_value
@@ -520,7 +522,8 @@ class Trainer:
         """Append a history entry; only rank 0 evaluates (the others record ``test_bpd`` None)."""
         train_bpd = self._loss_sum / self._loss_count if self._loss_count else None
         test_bpd = self.evaluate() if self.distributed.is_main else None
-        entry = {"step": self.step, "train_bpd": train_bpd, "test_bpd": test_bpd, "time": round(time.time(), 1)}
+        entry = {"step": self.step, "train_bpd": train_bpd, "test_bpd": test_bpd, "time": round(time.time(), 1),
+                 "lr": learning_rate(self.config, max(0, self.step - 1))}
         if self.quality_kind is not None and self.distributed.is_main:
             entry["quality"] = sample_quality(self.model, self.quality_kind, self.config.picture_temperatures)
         self.history.append(entry)
