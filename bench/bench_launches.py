@@ -5,8 +5,9 @@ Run with ``pytest bench/bench_launches.py --benchmark-only``.
 Groups (``benchmark.group``):
 
 * ``train_step_layout``: one training step (log-likelihood, backward, gradient clipping,
-  AdamW) of the ``cpu`` preset's model (n_layers 3, hidden 48, n_res 1, n_mlp 1, 32x32x3,
-  batch 32) on the CPU, or of the paper's model at batch 64 on a GPU. Paths: ``legacy``
+  AdamW) of the model the lean-path issue measured its 2x on (the ``cpu`` preset's until
+  2026-12-05: n_layers 3, hidden 48, n_res 1, n_mlp 1, 32x32x3, batch 32) on the CPU, or of
+  the paper's model at batch 64 on a GPU. Paths: ``legacy``
   (the first layout, ``tests/legacy_model.py``, with the optimiser and clipping of that
   time: AdamW's default implementation, plain clipping) and ``lean`` (the stacked layout
   with :func:`rgkern.tools.train.make_optimizer` and foreach clipping), both at 1 and at 2
