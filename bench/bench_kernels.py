@@ -184,21 +184,28 @@ def test_coupling_layer(benchmark, direction, path, base_model, images, machine_
     benchmark.group = f"coupling_layer_{direction}"
     backend = BACKEND[path]
     sublayer = base_model.sublayers[0]
-    rows = ops.gather_patches(images, base_model.geometry.row_index(0, images.device), "torch")
+    geometry = base_model.geometry
+    # Each backend's row layout (Sublayer.coupling): row order for the kernels, the two
+    # checkerboard halves for the torch path.
+    index = geometry.row_index if backend == "triton" else geometry.checkerboard_row_index
+    rows = ops.gather_patches(images, index(0, images.device), "torch")
     rows = rows.detach().requires_grad_(direction == "fwd_bwd")
     coupling = maybe_compile(sublayer.coupling, path)
 
     def forward():
-        return coupling(rows, 0, False, backend)
+        return coupling(rows if backend == "triton" else rows.split(geometry.patch_dim // 2, dim=1), 0, False, backend)
 
     def forward_backward():
         y, logdet = forward()
-        (y.square().sum() + logdet.sum()).backward()
+        parts = (y,) if isinstance(y, torch.Tensor) else y
+        (sum(part.square().sum() for part in parts) + logdet.sum()).backward()
         sublayer.zero_grad(set_to_none=True)
         rows.grad = None
 
     timed(benchmark, forward if direction == "fwd" else forward_backward)
-    # Both networks (s and t) of one half-step: 2 * w_in * w_out FLOPs per row and linear.
+    # Both networks (s and t) of one half-step: 2 * w_in * w_out FLOPs per row and linear (the
+    # fused kernels' work; the torch path skips the zero half of the first linear's inputs and
+    # the unused half of the last one's outputs).
     per_row = sum(2 * v.shape[2] * v.shape[-2] * v.shape[-1] for v in sublayer.networks.directions) * sublayer.networks.n_res
     flops = per_row * rows.shape[0]
     record(benchmark, machine_limits, images=BATCH, flops=flops * (1 if direction == "fwd" else 3))
