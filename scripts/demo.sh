@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up rgkern and run the CPU demo: train the small "cpu" preset on MSDS1 (4,000 generated
-# images, 4,000 steps; about 8 minutes on a 2-core CPU) and write into OUT (default demo_output/):
+# images, 4,000 steps; about 9 minutes on a 2-core CPU, set-up included) and write into OUT (default demo_output/):
 #   model.safetensors, model.json  the checkpoint
 #   history.json, bpd.png          training and held-out bits/dim against the step, and the samples' quality score
 #   samples.png                    64 samples of the trained model at temperature 1, the same 64 at 0.7
