@@ -52,7 +52,7 @@ import triton.language as tl
 
 from rgkern.core.precision import accumulator_dtype
 
-from .affine_coupling import TANH_SERIES_LIMIT, _load_tile, _tanh
+from .affine_coupling import TANH_SERIES_LIMIT, _load_tile, _tanh, _tanh_and_derivative
 from .launch import interpreter_requested, launch_kernel
 from . import launch as _launch
 
@@ -343,7 +343,7 @@ def coupling_half_step_bwd_kernel(
         t_scale = _load(t_scale_ptr + cols, col_live, ACC_FP64, False)[None, :]
         m = _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]
         keep = tl.where(col_live[None, :], 1 - m, 0)
-        s = _tanh(s_scale * keep * s_raw, SERIES_LIMIT)
+        s, tanh_slope = _tanh_and_derivative(s_scale * keep * s_raw, SERIES_LIMIT)
         if INVERSE:
             scale = tl.exp(-s)
             grad_s = -keep * (grad_y * (x - t_scale * keep * t_raw) * scale + grad_logdet)
@@ -352,7 +352,7 @@ def coupling_half_step_bwd_kernel(
             scale = tl.exp(s)
             grad_s = keep * (grad_y * x * scale + grad_logdet)
             grad_t = keep * grad_y
-        grad_pre_tanh = grad_s * (1 - s * s)
+        grad_pre_tanh = grad_s * tanh_slope
         tl.store(grad_x_ptr + offsets, (grad_y * scale).to(grad_x_ptr.dtype.element_ty), mask=live)
         tl.store(grad_raw + offsets, (grad_pre_tanh * s_scale).to(grad_streams_ptr.dtype.element_ty), mask=live)
         tl.store(grad_raw + net_stream + offsets, (grad_t * t_scale).to(grad_streams_ptr.dtype.element_ty), mask=live)
