@@ -41,15 +41,20 @@ def all_kernels() -> set:
 
 def record_model(dtype, device) -> list:
     """Launches of a training forward + backward and a decode of a tiny model (L=8, C=3, k=4, D=48),
-    and of the stand-alone coupling op forward and backward (the model runs the fused half-step)."""
+    of its row path (``transform_rows``, as the incremental encoder runs it, between a stand-alone
+    gather and scatter) and of the stand-alone coupling op, forward and backward."""
     model = tiny_model(8, 3, 4, dtype=dtype, backend="triton", n_mlp=2, hidden=24).to(device)
     x = random_images(model, batch=3).to(device)
     rows = torch.randn(20, 48, dtype=dtype, device=device, requires_grad=True)
     scale = torch.ones(48, dtype=dtype, device=device)
+    row_index = model.geometry.row_index(1, device)
     with record_launches() as launches, gpu_block_sizes():
         model.log_prob(x).sum().backward()
         with torch.no_grad():
             model.decode(x)
+        image = x.clone().requires_grad_(True)
+        patch_rows, logdet = model.sublayers[1].transform_rows(triton_ops.gather_patches(image, row_index), False, "triton")
+        (triton_ops.scatter_patches(image, patch_rows, row_index).sum() + logdet.sum()).backward()
         y, logdet = triton_ops.affine_coupling(rows, rows, rows, scale, scale, scale * 0)
         (y.sum() + logdet.sum()).backward()
     return launches

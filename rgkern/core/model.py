@@ -154,8 +154,27 @@ class CouplingNetworks(nn.Module):
             slopes.append(slope.view(-1, NETWORKS, 1, w_in).unbind(0))
         scales = self.s_scale.unbind(0), self.t_scale.unbind(0)
         if fused:
-            return PreparedNetworks(None, None, None, *scales, cast, self._half_steps(weights, biases, slopes))
+            return PreparedNetworks(None, None, None, *scales, cast, self._half_steps(weights, biases, slopes),
+                                    self._stacked(weights, biases, slopes))
         return PreparedNetworks(weights, biases, slopes, *scales, cast)
+
+    def _stacked(self, weights, biases, slopes):
+        """One :class:`HalfStepWeights` of all pairs, each tensor with a leading pair dimension
+        (:func:`rgkern.kernels.coupling_half_step.sublayer_couplings_forward`'s layout)."""
+        from ..kernels.coupling_half_step import HalfStepWeights
+
+        def kinds(tensors):
+            """(first, mid, last): the mid linears stacked on a new dimension after the pair."""
+            if len(tensors) == 1:
+                return None, None, tensors[0]
+            mids = tensors[1:-1]
+            mid = None if not mids else torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)
+            return tensors[0], mid, tensors[-1]
+
+        (w_first, w_mid, w_last), (b_first, b_mid, b_last), (s_first, s_mid, s_last) = (
+            kinds(weights), kinds(biases), kinds(slopes)
+        )
+        return HalfStepWeights(w_first, b_first, s_first, w_mid, b_mid, s_mid, w_last, b_last, s_last)
 
     def _half_steps(self, weights, biases, slopes) -> tuple:
         """Per pair, the :class:`HalfStepWeights` of stacked ``(P, R, 2, ...)`` tensors per linear."""
@@ -204,8 +223,9 @@ class PreparedNetworks(NamedTuple):
     ``weights[j][i]`` ``(2, w_in, w_out)`` weight-normalised; ``biases[j][i]`` ``(2, 1, w_out)``;
     ``slopes[j][i]`` ``(2, 1, w_in)``; ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)``;
     ``dtype``: the autocast dtype they were cast to, or None. For the fused kernels
-    (``prepared(fused=True)``) weights, biases and slopes are None and ``half_steps[pair]``
-    holds the pair's :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights`.
+    (``prepared(fused=True)``) weights, biases and slopes are None, ``half_steps[pair]``
+    holds the pair's :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights` and
+    ``stacked`` one of all pairs (a leading pair dimension; :meth:`Sublayer.forward_fused`).
     """
 
     weights: list
@@ -215,6 +235,7 @@ class PreparedNetworks(NamedTuple):
     t_scales: tuple
     dtype: torch.dtype | None
     half_steps: tuple | None = None
+    stacked: object = None
 
 
 class Sublayer(nn.Module):
@@ -282,10 +303,27 @@ class Sublayer(nn.Module):
         return rows, logdet
 
     def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
+        if backend == "triton" and self.num_blocks > 0:
+            return self.forward_fused(x, inverse)
         row_index = self.geometry.row_index(self.index, x.device)
         rows = ops.gather_patches(x, row_index, backend)
         rows, logdet = self.transform_rows(rows, inverse, backend)
         return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
+
+
+    def forward_fused(self, x: torch.Tensor, inverse: bool = False):
+        """:meth:`forward` with the Triton kernels on whole images: ``2 * n_layers`` launches,
+        the first half-step gathering the patches, the last scattering them back (pixels no
+        patch covers come through), the log-det summed in the kernels
+        (:func:`rgkern.core.ops.sublayer_couplings`). With activation checkpointing the
+        backward recomputes each half-step's activations instead of keeping them."""
+        geometry, networks = self.geometry, self.networks
+        prepared = networks.prepared(x.device, fused=True)
+        masks = [geometry.coupling_mask(x.device, x.dtype, flipped=flipped) for flipped in (False, True)]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse
+        return ops.sublayer_couplings(x, geometry.row_index(self.index, x.device), *masks, networks.s_scale,
+                                      networks.t_scale, prepared.stacked, self.networks_per_block == 1, inverse,
+                                      recompute, backend="triton")
 
 
 def _per_level(name: str, value, num_levels: int) -> tuple[int, ...]:
