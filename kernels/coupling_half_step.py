@@ -44,6 +44,7 @@ under autocast; float32 as TF32 unless ``torch.get_float32_matmul_precision()`` 
 (float64 for float64 data).
 """
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -62,7 +63,13 @@ __all__ = [
     "coupling_weight_grad_kernel",
     "HalfStepWeights",
     "TileConfig",
+    "TUNING_CONFIGS",
+    "GPU_TILES",
+    "AUTOTUNE_ENV",
+    "tile_candidates",
     "tile_config",
+    "tuning_enabled",
+    "choose_tiles",
     "activation_shapes",
     "coupling_half_step_forward",
     "coupling_half_step_backward",
@@ -570,25 +577,33 @@ class HalfStepWeights(NamedTuple):
 
 
 class TileConfig(NamedTuple):
-    """Block sizes of the half-step kernels: rows per program, tile widths over D and H, warps."""
+    """Block sizes and launch options of the half-step kernels: rows per program, tile widths
+    over D and H, warps, software-pipeline stages."""
 
     block_rows: int
     block_d: int
     block_h: int
     num_warps: int
+    num_stages: int = 3
 
 
-# GPU tiles by compute dtype: rows per program, the widest tile over D and over H, warps.
-# tl.dot needs every tile dimension >= 16. Chosen from a sweep of a few configurations on one
-# half-step (D = 48, H = 70): there no float32 or bfloat16 kernel spills on sm_90 (float32
-# needs 8 warps for that); some smaller test shapes still spill a few bytes, and sm_80 does
-# (bench/RESULTS.md). Not measured for speed: no GPU was available.
-GPU_TILES = {
-    torch.float32: TileConfig(32, 64, 64, 8),
-    torch.bfloat16: TileConfig(32, 64, 64, 4),
-    torch.float16: TileConfig(32, 64, 64, 4),
-    torch.float64: TileConfig(16, 16, 16, 4),
+#: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
+#: by compute dtype; the first is the default, used wherever nothing is timed. Rows per program
+#: 16 / 32 / 64 (more programs for the few rows of the top levels and small batches; more rows
+#: sharing each weight tile for large ones), 4 or 8 warps, 2 or 3 stages; tiles 64 wide over D
+#: and H, narrowed to the widths (``tl.dot`` needs every tile dimension >= 16). The defaults
+#: (32 rows, float32 with 8 warps) came from a sweep of register use on one half-step (D = 48,
+#: H = 70); none of these is timed (no GPU was available). Every configuration compiles without
+#: spills for sm_80 and sm_90 in float32 and bfloat16 (``scripts/compile_kernels.py``).
+TUNING_CONFIGS = {
+    torch.float32: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    torch.bfloat16: (TileConfig(32, 64, 64, 4, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    torch.float16: (TileConfig(32, 64, 64, 4, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    # float64 multiplies by broadcast-and-sum (for the exactness tests, not for speed): one config.
+    torch.float64: (TileConfig(16, 16, 16, 4, 3),),
 }
+#: The default GPU configuration per compute dtype (the first of :data:`TUNING_CONFIGS`).
+GPU_TILES = {dtype: configs[0] for dtype, configs in TUNING_CONFIGS.items()}
 # Registers a thread may use (PTX .maxnreg). Without it ptxas picked 64 to 128 for some fused
 # specialisations and spilled 4 to 36 B (scripts/compile_kernels.py, 22 of 360 in float32 and
 # bfloat16); with it they use what they need (e.g. 92) and none spills. Not timed on a GPU:
@@ -597,24 +612,91 @@ MAX_REGISTERS = 255
 # Under the interpreter each program and loop iteration costs Python time: one tile per width.
 INTERPRETER_MAX_TILE = 128
 MIN_TILE = 16
+#: Environment variable: "0" turns the timing off, so that every process uses the defaults
+#: (and so the same floating-point summation order: bit-identical runs on one GPU model).
+AUTOTUNE_ENV = "RGKERN_AUTOTUNE"
+# Rows per step of the weight-gradient kernel's loop (the K of its ``g^T @ a`` products) at
+# most: at 64 its float32 IEEE specialisations spilled 284-304 B on sm_80 and sm_90 (the FMA
+# path of tl.dot holds both operand tiles in registers).
+WEIGHT_GRAD_MAX_ROWS = 32
 
 
-def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileConfig:
-    """Block sizes for ``n_rows`` rows of width ``dim``, hidden width ``hidden``, compute ``dtype``.
+def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> tuple:
+    """The :class:`TileConfig`\\ s a launch may use, the default first.
 
-    On a GPU the fixed :data:`GPU_TILES` (narrowed to the widths); under the interpreter
-    (outside :func:`~rgkern.kernels.launch.gpu_block_sizes`) as wide as the data allows, up to
-    :data:`INTERPRETER_MAX_TILE`. Never depends on ``n_rows`` on a GPU (``torch.compile``
-    with dynamic batch sizes must not specialise on it).
+    On a GPU :data:`TUNING_CONFIGS` of the compute ``dtype``, narrowed to the widths ``dim`` and
+    ``hidden`` (equal ones once); never dependent on ``n_rows`` (``torch.compile`` with dynamic
+    batch sizes must not specialise on it). Under the interpreter (outside
+    :func:`~rgkern.kernels.launch.gpu_block_sizes`) one configuration, as wide as the data
+    allows up to :data:`INTERPRETER_MAX_TILE`.
     """
     def width(w, cap):
         return max(MIN_TILE, min(cap, triton.next_power_of_2(int(w))))
 
     if interpreter_requested() and _launch._gpu_block_requests == 0:
         cap = INTERPRETER_MAX_TILE
-        return TileConfig(width(n_rows, cap), width(dim, cap), width(hidden, cap), 4)
-    gpu = GPU_TILES[dtype]
-    return TileConfig(gpu.block_rows, width(dim, gpu.block_d), width(hidden, gpu.block_h), gpu.num_warps)
+        return (TileConfig(width(n_rows, cap), width(dim, cap), width(hidden, cap), 4),)
+    narrowed = (t._replace(block_d=width(dim, t.block_d), block_h=width(hidden, t.block_h)) for t in TUNING_CONFIGS[dtype])
+    return tuple(dict.fromkeys(narrowed))
+
+
+def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileConfig:
+    """The default block sizes for ``n_rows`` rows of width ``dim``, hidden width ``hidden``,
+    compute ``dtype``: the first of :func:`tile_candidates`."""
+    return tile_candidates(n_rows, dim, hidden, dtype)[0]
+
+
+_TUNED: dict = {}  # (kernel, dtype, widths, device) -> the TileConfig timed fastest
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return is_fake(tensor)
+
+
+def tuning_enabled(tensor: torch.Tensor) -> bool:
+    """Whether a launch on ``tensor``'s device may time the configurations: a real CUDA tensor,
+    not while ``torch.compile`` traces, a CUDA graph is captured or launches are recorded, and
+    not under the interpreter or with ``RGKERN_AUTOTUNE=0``."""
+    if interpreter_requested() or os.environ.get(AUTOTUNE_ENV, "1") == "0" or _launch.recording():
+        return False
+    if not tensor.is_cuda or torch.compiler.is_compiling() or _is_fake(tensor):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def choose_tiles(key: tuple, candidates: tuple, trial, tensor: torch.Tensor) -> TileConfig:
+    """The configuration of the launches ``key`` names (kernel, dtype, widths; not the rows).
+
+    Where :func:`tuning_enabled`, the first launch of a key times every candidate with
+    ``trial(tiles)`` (a launch that writes only scratch buffers: the timing runs each several
+    times, and some kernels accumulate into their outputs) and keeps the fastest for the
+    process. Elsewhere the one kept earlier, or the default (the first candidate).
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    key = (*key, str(tensor.device))
+    choice = _TUNED.get(key)
+    if choice is None and tuning_enabled(tensor):
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda tiles=tiles: trial(tiles), warmup=5, rep=25) for tiles in candidates]
+        choice = _TUNED[key] = candidates[times.index(min(times))]
+    return candidates[0] if choice is None else choice
+
+
+def _launch_with(launch, tiles: TileConfig, candidates: tuple) -> None:
+    """``launch(tiles)``; while launches are recorded (:func:`~rgkern.kernels.launch.record_launches`)
+    the other candidates are recorded too, not run: the ahead-of-time compile covers them all."""
+    if _launch.recording():
+        with _launch.record_only():
+            for other in candidates:
+                if other != tiles:
+                    launch(other)
+    launch(tiles)
 
 
 def _dot_tf32(compute_dtype: torch.dtype) -> bool:
@@ -646,7 +728,7 @@ class _Patches(NamedTuple):
 
 def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool, streams, hidden, y, logdet,
                     patches: Optional[_Patches] = None, gather=False, scatter=False, accumulate=False, copy_to=None):
-    """One launch of :func:`coupling_half_step_fwd_kernel`; ``n_rows = logdet.numel()`` > 0.
+    """:func:`coupling_half_step_fwd_kernel` on ``n_rows = logdet.numel()`` > 0 rows, tiles by :func:`choose_tiles`.
 
     ``patches`` describes the images that ``x`` (``gather``) and ``y`` (``scatter``) are;
     ``copy_to``: images that the x images are first copied to (needs ``gather``).
@@ -654,37 +736,46 @@ def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse
     n_rows, dim = logdet.shape[0], mask.shape[0]
     acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
-    stream_slots, hidden_slots = streams.shape[0], hidden.shape[0]
-    tiles = tile_config(n_rows, dim, weights.hidden, compute)
     w = _present(weights)
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
-    launch_kernel(
-        coupling_half_step_fwd_kernel,
-        (triton.cdiv(n_rows, tiles.block_rows),),
-        x, mask, s_scale, t_scale,
-        w.w_first, w.b_first, w.slope_first,
-        w.w_mid, w.b_mid, w.slope_mid,
-        w.w_last, w.b_last, w.slope_last,
-        streams, hidden, y, logdet, row_index, x if copy_to is None else copy_to,
-        n_rows, weights.n_res, weights.n_mid, stream_slots, hidden_slots, num_patches, image_numel,
-        DIM=dim,
-        HIDDEN=weights.hidden,
-        HAS_HIDDEN=weights.n_mlp > 0,
-        INVERSE=bool(inverse),
-        GATHER=gather,
-        SCATTER=scatter,
-        ACCUMULATE=accumulate,
-        COPY=copy_to is not None,
-        ACC_FP64=acc == torch.float64,
-        DOT_TF32=_dot_tf32(compute),
-        DOT_UPCAST=_dot_upcast(compute),
-        SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
-        BLOCK_ROWS=tiles.block_rows,
-        BLOCK_D=tiles.block_d,
-        BLOCK_H=tiles.block_h,
-        num_warps=tiles.num_warps,
-        maxnreg=MAX_REGISTERS,
-    )
+
+    def launch(tiles, streams=streams, hidden=hidden, y=y, logdet=logdet, copy_to=copy_to):
+        launch_kernel(
+            coupling_half_step_fwd_kernel,
+            (triton.cdiv(n_rows, tiles.block_rows),),
+            x, mask, s_scale, t_scale,
+            w.w_first, w.b_first, w.slope_first,
+            w.w_mid, w.b_mid, w.slope_mid,
+            w.w_last, w.b_last, w.slope_last,
+            streams, hidden, y, logdet, row_index, x if copy_to is None else copy_to,
+            n_rows, weights.n_res, weights.n_mid, streams.shape[0], hidden.shape[0], num_patches, image_numel,
+            DIM=dim,
+            HIDDEN=weights.hidden,
+            HAS_HIDDEN=weights.n_mlp > 0,
+            INVERSE=bool(inverse),
+            GATHER=gather,
+            SCATTER=scatter,
+            ACCUMULATE=accumulate,
+            COPY=copy_to is not None,
+            ACC_FP64=acc == torch.float64,
+            DOT_TF32=_dot_tf32(compute),
+            DOT_UPCAST=_dot_upcast(compute),
+            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
+            BLOCK_ROWS=tiles.block_rows,
+            BLOCK_D=tiles.block_d,
+            BLOCK_H=tiles.block_h,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            maxnreg=MAX_REGISTERS,
+        )
+
+    def trial(tiles):
+        scratch = [torch.empty_like(t) for t in (streams, hidden, y, logdet)]
+        launch(tiles, *scratch, copy_to=None if copy_to is None else torch.empty_like(copy_to))
+
+    candidates = tile_candidates(n_rows, dim, weights.hidden, compute)
+    tiles = choose_tiles(("forward", compute, dim, weights.hidden, weights.n_mlp), candidates, trial, x)
+    _launch_with(launch, tiles, candidates)
 
 
 def coupling_half_step_forward(
@@ -757,10 +848,31 @@ def _partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> _Part
     return _PartialLayout(start, tuple(starts), sizes)
 
 
+def _backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
+                    streams, hidden, grad_x, layout, n_rows: int, patches=None, gather=False, scatter=False,
+                    copy_to=None) -> tuple:
+    """``(tiles, candidates)`` of :func:`coupling_half_step_bwd_kernel` (:func:`choose_tiles`,
+    timed on this launch with scratch outputs); the partial sums' rows depend on the choice."""
+    dim, compute, acc = mask.shape[0], weights.w_last.dtype, accumulator_dtype(x.dtype)
+    candidates = tile_candidates(n_rows, dim, weights.hidden, compute)
+
+    def trial(tiles):
+        partial = torch.empty((triton.cdiv(n_rows, tiles.block_rows), layout.width), dtype=acc, device=x.device)
+        scratch = [torch.empty_like(t) for t in (streams, hidden, grad_x)]
+        _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden, *scratch,
+                         partial, layout.offsets(0), n_rows, tiles, (tiles,), patches, gather, scatter,
+                         None if copy_to is None else torch.empty_like(copy_to))
+
+    tiles = choose_tiles(("backward", compute, dim, weights.hidden, weights.n_mlp), candidates, trial, x)
+    return tiles, candidates
+
+
 def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
-                     streams, hidden, grad_streams, grad_hidden, grad_x, partial, partial_offsets, n_rows: int, tiles,
-                     patches: Optional[_Patches] = None, gather=False, scatter=False, copy_to=None):
-    """One launch of :func:`coupling_half_step_bwd_kernel` over ``partial.shape[0]`` programs (> 0 rows).
+                     streams, hidden, grad_streams, grad_hidden, grad_x, partial, partial_offsets, n_rows: int,
+                     tiles: TileConfig, candidates: tuple, patches: Optional[_Patches] = None, gather=False,
+                     scatter=False, copy_to=None):
+    """:func:`coupling_half_step_bwd_kernel` on ``n_rows`` > 0 rows, one program per row of ``partial``
+    (``tiles`` from :func:`_backward_tiles`).
 
     ``patches``: the images that ``grad_y`` (``scatter``) and ``x``, ``grad_x`` (``gather``)
     are; ``copy_to``: images that the grad_y images are first copied to (needs ``scatter``).
@@ -770,36 +882,42 @@ def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Ha
     compute = weights.w_last.dtype
     w = _present(weights)
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
-    launch_kernel(
-        coupling_half_step_bwd_kernel,
-        (partial.shape[0],),
-        grad_y, grad_logdet, x, mask, s_scale, t_scale,
-        w.w_first, w.slope_first, w.w_mid, w.slope_mid, w.w_last, w.slope_last,
-        streams, hidden, grad_streams, grad_hidden, grad_x, partial, row_index, grad_y if copy_to is None else copy_to,
-        n_rows, weights.n_res, weights.n_mid, partial.stride(0), *partial_offsets,
-        num_patches, image_numel, grad_logdet.stride(0),
-        DIM=dim,
-        HIDDEN=weights.hidden,
-        HAS_HIDDEN=weights.n_mlp > 0,
-        INVERSE=bool(inverse),
-        GATHER=gather,
-        SCATTER=scatter,
-        COPY=copy_to is not None,
-        ACC_FP64=acc == torch.float64,
-        DOT_TF32=_dot_tf32(compute),
-        DOT_UPCAST=_dot_upcast(compute),
-        SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
-        BLOCK_ROWS=tiles.block_rows,
-        BLOCK_D=tiles.block_d,
-        BLOCK_H=tiles.block_h,
-        num_warps=tiles.num_warps,
-        maxnreg=MAX_REGISTERS,
-    )
+
+    def launch(tiles):
+        launch_kernel(
+            coupling_half_step_bwd_kernel,
+            (partial.shape[0],),
+            grad_y, grad_logdet, x, mask, s_scale, t_scale,
+            w.w_first, w.slope_first, w.w_mid, w.slope_mid, w.w_last, w.slope_last,
+            streams, hidden, grad_streams, grad_hidden, grad_x, partial, row_index, grad_y if copy_to is None else copy_to,
+            n_rows, weights.n_res, weights.n_mid, partial.stride(0), *partial_offsets,
+            num_patches, image_numel, grad_logdet.stride(0),
+            DIM=dim,
+            HIDDEN=weights.hidden,
+            HAS_HIDDEN=weights.n_mlp > 0,
+            INVERSE=bool(inverse),
+            GATHER=gather,
+            SCATTER=scatter,
+            COPY=copy_to is not None,
+            ACC_FP64=acc == torch.float64,
+            DOT_TF32=_dot_tf32(compute),
+            DOT_UPCAST=_dot_upcast(compute),
+            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
+            BLOCK_ROWS=tiles.block_rows,
+            BLOCK_D=tiles.block_d,
+            BLOCK_H=tiles.block_h,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            maxnreg=MAX_REGISTERS,
+        )
+
+    _launch_with(launch, tiles, candidates)
 
 
 def _launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams, hidden, grad_streams, grad_hidden,
-                         n_rows: int, acc: torch.dtype, tiles: TileConfig, accumulate: bool = False) -> None:
-    """The weight and bias gradients of every kind of linear into ``grads`` (one launch per kind).
+                         n_rows: int, acc: torch.dtype, accumulate: bool = False) -> None:
+    """The weight and bias gradients of every kind of linear into ``grads`` (one launch per kind,
+    tiles by :func:`choose_tiles`).
 
     ``grads``: buffers shaped as the weights (their w and b entries; None where absent);
     ``accumulate``: add to what they hold.
@@ -809,35 +927,42 @@ def _launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, strea
     compute = weights.w_last.dtype
     flags = dict(ACC_FP64=acc == torch.float64, DOT_TF32=_dot_tf32(compute), DOT_UPCAST=_dot_upcast(compute))
 
-    def launch(src, grad, weight, slopes, grad_w, grad_b, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
-        block_out = tiles.block_d if out_w == dim else tiles.block_h
-        block_in = tiles.block_d if in_w == dim else tiles.block_h
-        launch_kernel(
-            coupling_weight_grad_kernel,
-            (weight.numel() // (in_w * out_w), triton.cdiv(out_w, block_out), triton.cdiv(in_w, block_in)),
-            src, grad, slopes, grad_w, grad_b,
-            n_rows, n_res, src_slots, src_shift, grad_slots, grad_shift,
-            IN_W=in_w,
-            OUT_W=out_w,
-            ACCUMULATE=accumulate,
-            BLOCK_ROWS=tiles.block_rows,
-            BLOCK_OUT=block_out,
-            BLOCK_IN=block_in,
-            num_warps=tiles.num_warps,
-            maxnreg=MAX_REGISTERS,
-            **flags,
-        )
+    def kind(src, grad, weight, slopes, grad_w, grad_b, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
+        def launch(tiles, grad_w=grad_w, grad_b=grad_b):
+            block_out = tiles.block_d if out_w == dim else tiles.block_h
+            block_in = tiles.block_d if in_w == dim else tiles.block_h
+            launch_kernel(
+                coupling_weight_grad_kernel,
+                (weight.numel() // (in_w * out_w), triton.cdiv(out_w, block_out), triton.cdiv(in_w, block_in)),
+                src, grad, slopes, grad_w, grad_b,
+                n_rows, n_res, src_slots, src_shift, grad_slots, grad_shift,
+                IN_W=in_w,
+                OUT_W=out_w,
+                ACCUMULATE=accumulate,
+                BLOCK_ROWS=min(tiles.block_rows, WEIGHT_GRAD_MAX_ROWS),
+                BLOCK_OUT=block_out,
+                BLOCK_IN=block_in,
+                num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages,
+                maxnreg=MAX_REGISTERS,
+                **flags,
+            )
+
+        candidates = tile_candidates(n_rows, dim, hidden_width, compute)
+        tiles = choose_tiles(("weight_grad", compute, in_w, out_w), candidates,
+                             lambda tiles: launch(tiles, torch.empty_like(grad_w), torch.empty_like(grad_b)), grad)
+        _launch_with(launch, tiles, candidates)
 
     if n_mlp:
-        launch(streams, grad_hidden, weights.w_first, weights.slope_first, grads.w_first, grads.b_first,
-               1, 0, n_mlp, 0, dim, hidden_width)
-        launch(hidden, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last,
-               n_mlp, n_mlp - 1, 1, 1, hidden_width, dim)
+        kind(streams, grad_hidden, weights.w_first, weights.slope_first, grads.w_first, grads.b_first,
+             1, 0, n_mlp, 0, dim, hidden_width)
+        kind(hidden, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last,
+             n_mlp, n_mlp - 1, 1, 1, hidden_width, dim)
     else:
-        launch(streams, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last, 1, 0, 1, 1, dim, dim)
+        kind(streams, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last, 1, 0, 1, 1, dim, dim)
     if weights.n_mid:
-        launch(hidden, grad_hidden, weights.w_mid, weights.slope_mid, grads.w_mid, grads.b_mid,
-               n_mlp, 0, n_mlp, 1, hidden_width, hidden_width)
+        kind(hidden, grad_hidden, weights.w_mid, weights.slope_mid, grads.w_mid, grads.b_mid,
+             n_mlp, 0, n_mlp, 1, hidden_width, hidden_width)
 
 
 def _weight_grad_buffers(weights: HalfStepWeights, empty, device) -> HalfStepWeights:
@@ -883,18 +1008,18 @@ def coupling_half_step_backward(
     n_rows, dim = x.shape
     acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
-    tiles = tile_config(n_rows, dim, weights.hidden, compute)
-    programs = max(1, triton.cdiv(n_rows, tiles.block_rows))
     layout = _partial_layout(dim, weights)
-    partial = (torch.zeros if n_rows == 0 else empty)((programs, layout.width), dtype=acc, device=x.device)
     grad_x = empty((n_rows, dim), dtype=x.dtype, device=x.device)
+    args = (grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden)
+    tiles, candidates = _backward_tiles(*args, grad_x, layout, n_rows) if n_rows > 0 else (None, ())
+    programs = max(1, triton.cdiv(n_rows, tiles.block_rows)) if n_rows > 0 else 1
+    partial = (torch.zeros if n_rows == 0 else empty)((programs, layout.width), dtype=acc, device=x.device)
     grad_streams = empty(streams.shape, dtype=compute, device=x.device)
     grad_hidden = empty(hidden.shape, dtype=compute, device=x.device)
     grads = _weight_grad_buffers(weights, empty, x.device)
     if n_rows > 0:
-        _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden,
-                         grad_streams, grad_hidden, grad_x, partial, layout.offsets(0), n_rows, tiles)
-        _launch_weight_grads(weights, grads, streams, hidden, grad_streams, grad_hidden, n_rows, acc, tiles)
+        _launch_backward(*args, grad_streams, grad_hidden, grad_x, partial, layout.offsets(0), n_rows, tiles, candidates)
+        _launch_weight_grads(weights, grads, streams, hidden, grad_streams, grad_hidden, n_rows, acc)
     else:
         grads = HalfStepWeights(*(None if g is None else g.zero_() for g in grads))
     grad_s, grad_t, first, mid, last = (part[0] for part in layout.split(partial.sum(dim=0), 1))
@@ -1034,11 +1159,8 @@ def sublayer_couplings_backward(
     acc = accumulator_dtype(images.dtype)
     compute = weights.w_last.dtype
     first = pair_weights(weights, 0)
-    tiles = tile_config(n_rows, dim, first.hidden, compute)
-    programs = max(1, triton.cdiv(n_rows, tiles.block_rows))
     uses = 2 if shared else 1
     layout = _partial_layout(dim, first, pairs)
-    partial = (torch.zeros if n_rows == 0 else empty)((uses * programs, layout.width), dtype=acc, device=images.device)
     grad_images = empty(images.shape, dtype=images.dtype, device=images.device)
     grad_rows = empty((min(2, len(order) - 1), n_rows, dim), dtype=images.dtype, device=images.device)
     stream_shape, hidden_shape = activation_shapes(n_rows, dim, first, True)
@@ -1054,6 +1176,17 @@ def sublayer_couplings_backward(
     covers_all = num_patches * dim == patches.image_numel
     masks = (mask, flipped_mask)
     last = len(order) - 1
+    copy_through = grad_images_needed and not covers_all
+    tiles, candidates, programs = None, (), 1
+    if n_rows > 0:
+        # Timed (where tuning applies) on the first backward launch: the last half-step's.
+        pair, flipped, _ = order[last]
+        tiles, candidates = _backward_tiles(
+            grad_out, grad_logdet, rows[last - 1], masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair),
+            inverse, streams[0 if recompute else last], hidden[0 if recompute else last], grad_rows[0], layout, n_rows,
+            patches, scatter=True, copy_to=grad_images if copy_through else None)
+        programs = triton.cdiv(n_rows, tiles.block_rows)
+    partial = (torch.zeros if n_rows == 0 else empty)((uses * programs, layout.width), dtype=acc, device=images.device)
     used = set()
     for j in (range(last, -1, -1) if n_rows > 0 else ()):
         pair, flipped, use = order[j]
@@ -1067,11 +1200,11 @@ def sublayer_couplings_backward(
         grad_x = grad_images if j == 0 else grad_rows[(j - 1) % grad_rows.shape[0]]
         _launch_backward(grad_y, grad_logdet, x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse,
                          streams[slot], hidden[slot], grad_streams, grad_hidden, grad_x,
-                         partial[use * programs:(use + 1) * programs], layout.offsets(pair), n_rows, tiles, patches,
-                         gather=j == 0, scatter=j == last,
-                         copy_to=grad_images if j == last and grad_images_needed and not covers_all else None)
+                         partial[use * programs:(use + 1) * programs], layout.offsets(pair), n_rows, tiles, candidates,
+                         patches, gather=j == 0, scatter=j == last,
+                         copy_to=grad_images if j == last and copy_through else None)
         _launch_weight_grads(step_weights, pair_weights(grads, pair), streams[slot], hidden[slot], grad_streams,
-                             grad_hidden, n_rows, acc, tiles, accumulate=pair in used)
+                             grad_hidden, n_rows, acc, accumulate=pair in used)
         used.add(pair)
     if n_rows == 0:
         grad_images.copy_(grad_out)

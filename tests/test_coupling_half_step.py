@@ -10,6 +10,8 @@ the kernel counts of a paper-structured training pass.
 """
 import pytest
 import torch
+import triton
+import triton.testing
 
 import rgkern
 from rgkern.core import functions as triton_ops
@@ -23,6 +25,7 @@ from rgkern.kernels.coupling_half_step import (
     sublayer_couplings_backward,
     sublayer_couplings_forward,
 )
+from rgkern.kernels import coupling_half_step as tuning
 from rgkern.kernels.launch import gpu_block_sizes
 from rgkern.tools.profile import count_work
 
@@ -367,6 +370,62 @@ def test_fused_model_under_bf16_autocast_and_with_activation_checkpointing():
     kernel_model.log_prob(x).sum().backward()
     for before, param in zip(plain, kernel_model.parameters()):
         assert torch.equal(param.grad, before)
+
+
+# --------------------------------------------------------------------------- tile tuning
+def test_tuning_is_off_under_the_interpreter_and_for_cpu_tensors():
+    assert not tuning.tuning_enabled(torch.zeros(1))
+    candidates = tuning.tile_candidates(1000, 48, 512, torch.float32)
+    assert len(candidates) == 1, "the interpreter uses one configuration"
+    with gpu_block_sizes():
+        gpu = tuning.tile_candidates(1000, 48, 512, torch.float32)
+        assert gpu == tuning.tile_candidates(7, 48, 512, torch.float32), "never dependent on the rows"
+        assert gpu[0] == tuning.tile_config(7, 48, 512, torch.float32) == tuning.GPU_TILES[torch.float32]
+        assert len(gpu) == len(tuning.TUNING_CONFIGS[torch.float32]) == 3
+        assert tuning.tile_candidates(10, 4, 6, torch.float64) == (tuning.TileConfig(16, 16, 16, 4, 3),)
+
+
+def test_timed_choice_is_kept_per_shape_and_leaves_the_results_alone(monkeypatch):
+    """What a GPU does on a model's first launches, with the interpreter standing in for it:
+    every candidate timed once per kernel and shape (its trial writing scratch buffers only, so
+    the results are those of untimed launches, also where outputs accumulate: the log-det, and
+    the weight gradients of the "authors" variant's shared pairs), the fastest kept and used
+    afterwards."""
+    torch.manual_seed(0)
+    model = rgkern.RGFlow(image_size=8, channels=1, kernel_size=2, n_layers=1, hidden=4, n_res=1, n_mlp=2,
+                          variant="authors", backend="triton")
+    random_scales(model, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logp = model.log_prob(x)
+        logp.sum().backward()
+        return [logp.detach(), model.decode(x).detach()] + [p.grad.clone() for p in model.parameters()]
+
+    times = iter([3.0, 1.0, 2.0] * 100)  # the second candidate is always the fastest
+    trials = []
+
+    def fake_bench(fn, warmup, rep):
+        trials.append(fn)
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    with gpu_block_sizes():
+        untimed = run()
+        monkeypatch.setattr(tuning, "tuning_enabled", lambda tensor: True)
+        monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+        timed = run()
+        first_trials = len(trials)
+        again = run()
+    kinds = {key[0] for key in tuning._TUNED}
+    assert kinds == {"forward", "backward", "weight_grad"}, tuning._TUNED
+    assert first_trials == 3 * len(tuning._TUNED) and len(trials) == first_trials, "each shape timed once"
+    for key, choice in tuning._TUNED.items():
+        assert choice.block_rows == 16 and choice.num_warps == 4, (key, choice)
+    for a, b, c in zip(untimed, timed, again):
+        assert relative_error(b, a) < 1e-6 and torch.equal(b, c)
 
 
 # --------------------------------------------------------------------------- work counts
