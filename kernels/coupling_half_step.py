@@ -36,7 +36,24 @@ gradients):
   program partial sums of the slope and scale gradients.
 * :func:`coupling_weight_grad_kernel`: ``dW = g^T @ swish(u)`` and ``db = sum g`` of one kind
   of linear for all its matrices; each program owns a weight tile and loops over all rows,
-  so the reduction is deterministic (no atomics).
+  so the reduction is deterministic (no atomics). ``ACCUMULATE`` adds to the buffers.
+
+Host functions: :func:`coupling_half_step_forward` / ``_backward`` run one half-step on rows
+(``transform_rows``: the incremental encoder and decoder, inpainting). A whole sublayer on
+whole images is :func:`sublayer_couplings_forward` / ``_backward``: its ``2 * blocks``
+half-steps, the weights of all its pairs of networks stacked on a leading dimension. There the
+first launch reads its rows straight from the images through the sublayer's patch table
+(``GATHER``) and copies the images to the output (``COPY``, where some pixels are in no patch:
+they come through unchanged), the last writes its rows into the output (``SCATTER``), the
+log-det accumulates per row in the kernels (``ACCUMULATE``), the backward mirrors it (the
+gradient of the uncovered pixels passes through; the per-image log-det gradient is read
+where it lies, an expanded one too), and the weight gradients go straight into stacked
+buffers, a pair shared by two half-steps ("authors") accumulating. No gather, scatter, copy
+or log-det add outside the kernels.
+
+Tiles: :data:`TUNING_CONFIGS` per compute dtype; on a CUDA device :func:`choose_tiles` times
+them once per kernel and shape on scratch outputs and keeps the fastest (see there for when
+it does not); the launch recording records them all for the ahead-of-time compile.
 
 Matmuls: ``tl.dot`` on the weights' dtype with float32 accumulation (bfloat16 / float16
 under autocast; float32 as TF32 unless ``torch.get_float32_matmul_precision()`` is

@@ -485,6 +485,8 @@ class SublayerCouplingsFunction(torch.autograd.Function):
         )
         ctx.absent = [w is None for w in weights]
         if needs:
+            if recompute:  # the forward's reused slots: the backward recomputes every half-step's
+                streams = hidden = rows.new_empty((0,))
             ctx.save_for_backward(images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden, *weights)
         return out, logdet
 
