@@ -465,7 +465,7 @@ def paper_structured():
 
 
 # The counts launch no kernel (count_work(run_kernels=False)): under the interpreter the
-# paper structure's 431 launches take about a minute, and the counts do not depend on values.
+# paper structure's 400 launches take about a minute, and the counts do not depend on values.
 def test_fused_training_pass_kernel_count(paper_structured):
     model, x, train = paper_structured
     work, _ = count_work(train, run_kernels=False)
@@ -502,18 +502,24 @@ def test_fused_encode_decode_and_sample_kernel_counts(paper_structured):
 
 
 # --------------------------------------------------------------------------- torch.library / torch.compile
-def test_fused_forward_operator_passes_opcheck():
-    """The backward operator is exercised by the torch.compile test below; opcheck's schema,
-    fake-tensor and AOT checks reject it for an output aliasing an input that a direct call
-    does not show (left open, see bench/RESULTS.md)."""
-    x, mask, s_scale, t_scale, weights, _, _ = half_step_inputs(6, 4, 8, 1, 2, torch.float64, seed=4)
+def test_fused_operators_pass_opcheck():
+    """Schema, fake-tensor and AOT checks of both operators of the half-step and of the
+    sublayer. The backward operators copy the slope and scale gradients, slices of one
+    reduction, whatever ``_base`` says: under opcheck's schema check a slice's ``_base`` read
+    None and an output aliased another."""
+    x, mask, s_scale, t_scale, weights, grad_y, grad_logdet = half_step_inputs(6, 4, 8, 1, 2, torch.float64, seed=4)
     torch.library.opcheck(torch.ops.rgkern.coupling_half_step.default, (x, mask, s_scale, t_scale, *weights, False, True))
+    _, _, streams, hidden = coupling_half_step_forward(x, mask, s_scale, t_scale, weights)
+    torch.library.opcheck(torch.ops.rgkern.coupling_half_step_backward.default,
+                          (grad_y, grad_logdet, x, mask, s_scale, t_scale, *weights, False, streams, hidden))
 
-
-def test_fused_sublayer_forward_operator_passes_opcheck():
-    images, row_index, masks, scales, weights, _, _ = sublayer_inputs(8, 1, 2, 2, 2, 4, 1, 2, torch.float64, batch=2, seed=6)
-    torch.library.opcheck(torch.ops.rgkern.sublayer_couplings.default,
-                          (images, row_index, *masks, *scales, *weights, False, False, True, True))
+    images, row_index, masks, scales, weights, grad_out, grad_logdet = sublayer_inputs(8, 1, 2, 2, 2, 4, 1, 2, torch.float64,
+                                                                                       batch=2, seed=6)
+    args = (images, row_index, *masks, *scales, *weights, False, False)
+    torch.library.opcheck(torch.ops.rgkern.sublayer_couplings.default, (*args, True, True))
+    _, _, rows, streams, hidden = sublayer_couplings_forward(images, row_index, *masks, *scales, weights, False, False, True, True)
+    torch.library.opcheck(torch.ops.rgkern.sublayer_couplings_backward.default,
+                          (grad_out, grad_logdet, *args, rows, streams, hidden, False, True))
 
 
 def test_torch_compile_traces_the_fused_model():

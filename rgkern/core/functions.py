@@ -170,7 +170,8 @@ def _coupling_half_step_backward_op(
     grad_x, grad_s, grad_t, grads = coupling_half_step_backward(
         grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden
     )
-    grads = [x.new_empty(0) if g is None else g if g._base is None else g.clone() for g in grads]
+    grads = [x.new_empty(0) if g is None else g.clone() if name.startswith("slope") else g
+             for name, g in zip(HalfStepWeights._fields, grads)]
     return (grad_x, grad_s.clone(), grad_t.clone(), *grads)
 
 
@@ -236,7 +237,8 @@ def _sublayer_couplings_backward_op(
         grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse,
         rows, streams, hidden, recompute, grad_images_needed,
     )
-    grads = [images.new_empty(0) if g is None else g if g._base is None else g.clone() for g in grads]
+    grads = [images.new_empty(0) if g is None else g.clone() if name.startswith("slope") else g
+             for name, g in zip(HalfStepWeights._fields, grads)]
     return (grad_images, grad_s.clone(), grad_t.clone(), *grads)
 
 
