@@ -154,8 +154,8 @@ class CouplingNetworks(nn.Module):
             slopes.append(slope.view(-1, NETWORKS, 1, w_in).unbind(0))
         scales = self.s_scale.unbind(0), self.t_scale.unbind(0)
         if fused:
-            return PreparedNetworks(None, None, None, *scales, cast, self._half_steps(weights, biases, slopes),
-                                    self._stacked(weights, biases, slopes))
+            stacked = self._stacked(weights, biases, slopes)
+            return PreparedNetworks(None, None, None, *scales, cast, self._half_steps(stacked), stacked)
         return PreparedNetworks(weights, biases, slopes, *scales, cast)
 
     def _stacked(self, weights, biases, slopes):
@@ -176,27 +176,14 @@ class CouplingNetworks(nn.Module):
         )
         return HalfStepWeights(w_first, b_first, s_first, w_mid, b_mid, s_mid, w_last, b_last, s_last)
 
-    def _half_steps(self, weights, biases, slopes) -> tuple:
-        """Per pair, the :class:`HalfStepWeights` of stacked ``(P, R, 2, ...)`` tensors per linear."""
+    def _half_steps(self, stacked) -> tuple:
+        """Per pair, the :class:`HalfStepWeights` of its slices of the ``stacked`` tensors (one
+        unbind per tensor: its backward is one stack, where indexing per pair would give one
+        full-size select_backward per use)."""
         from ..kernels.coupling_half_step import HalfStepWeights
 
-        def per_pair(tensors):
-            """(first, mid, last) per pair: mid linears stacked on a new leading dimension."""
-            first = tensors[0].unbind(0) if len(tensors) > 1 else (None,) * self.pairs
-            mids = tensors[1:-1]
-            if not mids:
-                mid = (None,) * self.pairs
-            else:
-                mid = (torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)).unbind(0)
-            return first, mid, tensors[-1].unbind(0)
-
-        (w_first, w_mid, w_last), (b_first, b_mid, b_last), (s_first, s_mid, s_last) = (
-            per_pair(weights), per_pair(biases), per_pair(slopes)
-        )
-        return tuple(
-            HalfStepWeights(w_first[p], b_first[p], s_first[p], w_mid[p], b_mid[p], s_mid[p], w_last[p], b_last[p], s_last[p])
-            for p in range(self.pairs)
-        )
+        per_tensor = [(None,) * self.pairs if t is None else t.unbind(0) for t in stacked]
+        return tuple(HalfStepWeights(*(tensors[p] for tensors in per_tensor)) for p in range(self.pairs))
 
     def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks") -> torch.Tensor:
         """``s_raw`` and ``t_raw`` stacked ``(2, N, D)`` of half-step ``pair`` from masked rows ``(N, D)``."""
@@ -309,7 +296,6 @@ class Sublayer(nn.Module):
         rows = ops.gather_patches(x, row_index, backend)
         rows, logdet = self.transform_rows(rows, inverse, backend)
         return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
-
 
     def forward_fused(self, x: torch.Tensor, inverse: bool = False):
         """:meth:`forward` with the Triton kernels on whole images: ``2 * n_layers`` launches,
