@@ -270,6 +270,9 @@ def test_sublayer_couplings_with_gpu_tiles():
     assert relative_error(out, exact[0]) < 1e-10 and relative_error(logdet, exact[1]) < 1e-10
     for got, expected in zip([grad_images, grad_s, grad_t, *grad_weights], exact_expanded[2:]):
         assert (got is None and expected is None) or relative_error(got, expected) < 1e-10
+    with gpu_block_sizes():  # an int32 patch table reads the same pixels
+        out32, logdet32, _, _, _ = sublayer_couplings_forward(images, row_index.int(), *args[2:], False, False)
+    assert torch.equal(out32, out) and torch.equal(logdet32, logdet)
 
 
 def test_gradcheck_through_the_sublayer_function():
