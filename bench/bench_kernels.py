@@ -9,6 +9,10 @@ Groups (``benchmark.group``) put the paths of one operation next to each other:
 * ``coupling_layer_fwd`` / ``coupling_layer_fwd_bwd``: one coupling half-step with its s/t
   residual MLPs on the level-0 rows: the reference (batched GEMMs and elementwise ops), the
   reference under ``torch.compile`` (the peer to beat) and the fused kernel;
+* ``sublayer_fwd`` / ``sublayer_fwd_bwd``: a whole sublayer (the level-0 disentangler, its
+  blocks' half-steps with their MLPs) on the images: the reference, the Triton kernels with a
+  separate gather and scatter around the half-steps (``rows``: ``transform_rows``, the path
+  before they were fused), and the fused one (``fused``: ``Sublayer.forward_fused``);
 * ``encode`` / ``decode`` / ``train_step``: the whole model, batch 64 at L=32 with the
   paper's size (``RGFlow()`` defaults); the training step is forward, backward, gradient
   clipping and AdamW. Paths: ``reference`` (eager), ``reference_compiled``
@@ -208,6 +212,33 @@ def test_coupling_layer(benchmark, direction, path, base_model, images, machine_
     # the unused half of the last one's outputs).
     per_row = sum(2 * v.shape[2] * v.shape[-2] * v.shape[-1] for v in sublayer.networks.directions) * sublayer.networks.n_res
     flops = per_row * rows.shape[0]
+    record(benchmark, machine_limits, images=BATCH, flops=flops * (1 if direction == "fwd" else 3))
+
+
+@pytest.mark.parametrize("path", ["reference", "rows", "fused"])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+def test_sublayer(benchmark, direction, path, base_model, images, machine_limits):
+    benchmark.group = f"sublayer_{direction}"
+    sublayer = base_model.sublayers[0]
+    row_index = base_model.geometry.row_index(0, images.device)
+    x = images.detach().clone().requires_grad_(direction == "fwd_bwd")
+
+    def forward():
+        if path == "fused":
+            return sublayer.forward_fused(x)
+        backend = "torch" if path == "reference" else "triton"
+        rows, logdet = sublayer.transform_rows(ops.gather_patches(x, row_index, backend), False, backend)
+        return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
+
+    def forward_backward():
+        out, logdet = forward()
+        (out.square().sum() + logdet.sum()).backward()
+        sublayer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    timed(benchmark, forward if direction == "fwd" else forward_backward)
+    per_row = sum(2 * v.shape[2] * v.shape[-2] * v.shape[-1] for v in sublayer.networks.directions) * sublayer.networks.n_res
+    flops = per_row * BATCH * base_model.geometry.sublayers[0].num_patches * 2 * sublayer.num_blocks
     record(benchmark, machine_limits, images=BATCH, flops=flops * (1 if direction == "fwd" else 3))
 
 

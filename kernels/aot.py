@@ -151,7 +151,8 @@ class CompileResult:
     """What compiling one specialisation gave (plain values: it crosses processes as JSON).
 
     ``arguments`` and ``constexprs`` as :meth:`Specialisation.arguments` / ``constants`` give
-    them; ``pointer_dtypes`` the distinct element types of the pointer parameters
+    them, ``options`` as :attr:`Specialisation.options` (``num_warps``, ``num_stages``, ...);
+    ``pointer_dtypes`` the distinct element types of the pointer parameters
     (``"fp32"``, ``"bf16"``, ``"i64"``); ``registers`` per thread; ``spill_stores`` /
     ``spill_loads`` / ``stack`` in bytes per thread (spills None where only ``cuobjdump``
     could be read: it gives the stack frame, not the spills); ``shared`` bytes of shared
@@ -165,6 +166,7 @@ class CompileResult:
     constexprs: dict
     pointer_dtypes: list
     seconds: float
+    options: dict = dataclasses.field(default_factory=dict)
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -222,7 +224,7 @@ def compile_specialisation(spec: Specialisation) -> CompileResult:
     """
     pointers = sorted({kind.lstrip("*k") for kind in spec.signature.values() if kind.startswith("*")})
     described = dict(kernel=spec.name, arch=spec.arch, arguments=spec.arguments(), constexprs=spec.constants(),
-                     pointer_dtypes=pointers)
+                     pointer_dtypes=pointers, options=dict(spec.options))
     source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     log = io.StringIO()
     knobs = triton.knobs

@@ -36,7 +36,24 @@ gradients):
   program partial sums of the slope and scale gradients.
 * :func:`coupling_weight_grad_kernel`: ``dW = g^T @ swish(u)`` and ``db = sum g`` of one kind
   of linear for all its matrices; each program owns a weight tile and loops over all rows,
-  so the reduction is deterministic (no atomics).
+  so the reduction is deterministic (no atomics). ``ACCUMULATE`` adds to the buffers.
+
+Host functions: :func:`coupling_half_step_forward` / ``_backward`` run one half-step on rows
+(``transform_rows``: the incremental encoder and decoder, inpainting). A whole sublayer on
+whole images is :func:`sublayer_couplings_forward` / ``_backward``: its ``2 * blocks``
+half-steps, the weights of all its pairs of networks stacked on a leading dimension. There the
+first launch reads its rows straight from the images through the sublayer's patch table
+(``GATHER``) and copies the images to the output (``COPY``, where some pixels are in no patch:
+they come through unchanged), the last writes its rows into the output (``SCATTER``), the
+log-det accumulates per row in the kernels (``ACCUMULATE``), the backward mirrors it (the
+gradient of the uncovered pixels passes through; the per-image log-det gradient is read
+where it lies, an expanded one too), and the weight gradients go straight into stacked
+buffers, a pair shared by two half-steps ("authors") accumulating. No gather, scatter, copy
+or log-det add outside the kernels.
+
+Tiles: :data:`TUNING_CONFIGS` per compute dtype; on a CUDA device :func:`choose_tiles` times
+them once per kernel and shape on scratch outputs and keeps the fastest (see there for when
+it does not); the launch recording records them all for the ahead-of-time compile.
 
 Matmuls: ``tl.dot`` on the weights' dtype with float32 accumulation (bfloat16 / float16
 under autocast; float32 as TF32 unless ``torch.get_float32_matmul_precision()`` is
@@ -44,6 +61,7 @@ under autocast; float32 as TF32 unless ``torch.get_float32_matmul_precision()`` 
 (float64 for float64 data).
 """
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -52,7 +70,7 @@ import triton.language as tl
 
 from rgkern.core.precision import accumulator_dtype
 
-from .affine_coupling import TANH_SERIES_LIMIT, _load_tile, _tanh
+from .affine_coupling import TANH_SERIES_LIMIT, _load_tile, _tanh, _tanh_and_derivative
 from .launch import interpreter_requested, launch_kernel
 from . import launch as _launch
 
@@ -62,10 +80,21 @@ __all__ = [
     "coupling_weight_grad_kernel",
     "HalfStepWeights",
     "TileConfig",
+    "TUNING_CONFIGS",
+    "GPU_TILES",
+    "AUTOTUNE_ENV",
+    "tile_candidates",
     "tile_config",
+    "tuning_enabled",
+    "choose_tiles",
     "activation_shapes",
     "coupling_half_step_forward",
     "coupling_half_step_backward",
+    "pair_weights",
+    "half_step_order",
+    "sublayer_buffer_shapes",
+    "sublayer_couplings_forward",
+    "sublayer_couplings_backward",
 ]
 
 # The residual's 1/sqrt(2); a constexpr so that the kernels may read it.
@@ -210,6 +239,45 @@ def _row_block(pid, n_rows, DIM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_ROWS:
     return rows, rows < n_rows, tl.full([], DIM, tl.int64) * n_rows, tl.full([], HIDDEN, tl.int64) * n_rows
 
 
+@triton.jit
+def _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM: tl.constexpr, IMAGES: tl.constexpr):
+    """Offsets of the row entries ``(rows, cols)`` and which of them may be touched.
+
+    Plain rows: row-major ``(n_rows, DIM)``. ``IMAGES``: elements of images ``(B, image_numel)``
+    through the patch table ``row_index (num_patches, DIM)``, row ``b * num_patches + p`` being
+    patch ``p`` of image ``b``; an index outside ``[0, image_numel)`` is never touched.
+    """
+    if IMAGES:
+        sample = rows // num_patches
+        patch = rows - sample * num_patches
+        index = tl.load(row_index_ptr + patch[:, None] * DIM + cols[None, :], mask=live, other=0).to(tl.int64)
+        offsets = sample[:, None] * image_numel + index
+        inside = live & (index >= 0) & (index < image_numel)
+    else:
+        offsets = rows[:, None] * DIM + cols[None, :]
+        inside = live
+    return offsets, inside
+
+
+@triton.jit
+def _load_entries(ptr, offsets, inside, live, ACC_FP64: tl.constexpr):
+    """Row entries as the accumulator dtype: 0 where not live, NaN where live but not inside."""
+    values = _load(ptr + offsets, inside, ACC_FP64, False)
+    return tl.where(inside | ~live, values, float("nan"))
+
+
+@triton.jit
+def _copy_share(src, dst, numel, BLOCK: tl.constexpr):
+    """This program's share of ``dst[:numel] = src[:numel]``: the launch's programs split it evenly."""
+    share = tl.cdiv(numel, tl.num_programs(0))
+    start = tl.program_id(0).to(tl.int64) * share
+    end = tl.minimum(start + share, numel)
+    for c0 in range(0, share, BLOCK):
+        offsets = start + c0 + tl.arange(0, BLOCK)
+        live = offsets < end
+        tl.store(dst + offsets, tl.load(src + offsets, mask=live), mask=live)
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def coupling_half_step_fwd_kernel(
@@ -217,15 +285,21 @@ def coupling_half_step_fwd_kernel(
     w_first_ptr, b_first_ptr, slope_first_ptr,
     w_mid_ptr, b_mid_ptr, slope_mid_ptr,
     w_last_ptr, b_last_ptr, slope_last_ptr,
-    streams_ptr, hidden_ptr, y_ptr, logdet_ptr,
-    n_rows, n_res, n_mid, stream_slots, hidden_slots,
+    streams_ptr, hidden_ptr, y_ptr, logdet_ptr, row_index_ptr, copy_ptr,
+    n_rows, n_res, n_mid, stream_slots, hidden_slots, num_patches, image_numel,
     DIM: tl.constexpr, HIDDEN: tl.constexpr, HAS_HIDDEN: tl.constexpr, INVERSE: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, ACCUMULATE: tl.constexpr, COPY: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: tl.constexpr, SERIES_LIMIT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Forward of one half-step for a block of rows (see the module docstring).
 
-    x, y ``(n_rows, DIM)``; logdet ``(n_rows,)`` float32 (float64 with ACC_FP64);
+    x, y ``(n_rows, DIM)``, or with ``GATHER`` (x) / ``SCATTER`` (y) images ``(B,
+    image_numel)`` addressed through ``row_index`` (``num_patches`` rows per image: the patch
+    gather and scatter fused, see :func:`_entries`); logdet ``(n_rows,)`` float32 (float64
+    with ACC_FP64), written, or with ``ACCUMULATE`` added to. ``COPY`` (with ``GATHER``): the
+    programs first copy the x images to the images at ``copy_ptr``, for a later ``SCATTER``
+    launch to overwrite the patches in (the pixels no patch covers come through).
     streams ``(stream_slots, 2, n_rows, DIM)``: residual stream ``i`` of network ``n`` in slot
     ``i % stream_slots`` (``n_res + 1`` slots to save them all, else 2); hidden
     ``(hidden_slots, 2, n_rows, HIDDEN)``: output of hidden linear ``j`` of block ``i`` in
@@ -236,15 +310,18 @@ def coupling_half_step_fwd_kernel(
     slot_stream = 2 * net_stream
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
+    if COPY:
+        _copy_share(x_ptr, copy_ptr, (n_rows // num_patches).to(tl.int64) * image_numel, BLOCK_ROWS * BLOCK_D)
 
     # r_0 = x * mask, for both networks.
     for d0 in range(0, DIM, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
+        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        x = _load_entries(x_ptr, x_offsets, x_inside, live, ACC_FP64)
+        cond = (x * _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]).to(streams_ptr.dtype.element_ty)
         offsets = rows[:, None] * DIM + cols[None, :]
-        cond = _load(x_ptr + offsets, live, ACC_FP64, False) * _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]
-        cond = cond.to(streams_ptr.dtype.element_ty)
         tl.store(streams_ptr + offsets, cond, mask=live)
         tl.store(streams_ptr + net_stream + offsets, cond, mask=live)
     tl.debug_barrier()
@@ -282,7 +359,8 @@ def coupling_half_step_fwd_kernel(
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
         offsets = rows[:, None] * DIM + cols[None, :]
-        x = _load(x_ptr + offsets, live, ACC_FP64, False)
+        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        x = _load_entries(x_ptr, x_offsets, x_inside, live, ACC_FP64)
         s_raw = _load(raw + offsets, live, ACC_FP64, True)
         t_raw = _load(raw + net_stream + offsets, live, ACC_FP64, True)
         m = _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]
@@ -295,55 +373,70 @@ def coupling_half_step_fwd_kernel(
         else:
             y = x * tl.exp(s) + t
             logdet += tl.sum(s, axis=1)
-        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=live)
+        y_offsets, y_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, SCATTER)
+        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=y_inside)
+    if ACCUMULATE:
+        # Earlier half-steps' sum first, as ``logdet + ld`` on the host would add them.
+        logdet = _load(logdet_ptr + rows, row_live, ACC_FP64, False) + logdet
     tl.store(logdet_ptr + rows, logdet.to(logdet_ptr.dtype.element_ty), mask=row_live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_offset", "t_offset", "first_offset", "mid_offset", "last_offset"])
 def coupling_half_step_bwd_kernel(
     grad_y_ptr, grad_logdet_ptr, x_ptr, mask_ptr, s_scale_ptr, t_scale_ptr,
     w_first_ptr, slope_first_ptr, w_mid_ptr, slope_mid_ptr, w_last_ptr, slope_last_ptr,
-    streams_ptr, hidden_ptr, grad_streams_ptr, grad_hidden_ptr, grad_x_ptr, partial_ptr,
-    n_rows, n_res, n_mid, partial_width, first_offset, mid_offset, last_offset,
+    streams_ptr, hidden_ptr, grad_streams_ptr, grad_hidden_ptr, grad_x_ptr, partial_ptr, row_index_ptr, copy_ptr,
+    n_rows, n_res, n_mid, partial_stride, s_offset, t_offset, first_offset, mid_offset, last_offset,
+    num_patches, image_numel, grad_logdet_stride,
     DIM: tl.constexpr, HIDDEN: tl.constexpr, HAS_HIDDEN: tl.constexpr, INVERSE: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, COPY: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: tl.constexpr, SERIES_LIMIT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward of one half-step to its rows, for a block of rows.
 
-    grad_y, x, grad_x ``(n_rows, DIM)``; grad_logdet ``(n_rows,)``; streams / hidden: the
-    forward's saved activations (``n_res + 1`` and ``n_res * n_mlp`` slots); grad_streams and
+    grad_y, x, grad_x ``(n_rows, DIM)``, or with ``SCATTER`` (grad_y) / ``GATHER`` (x and
+    grad_x) images ``(B, image_numel)`` through ``row_index`` as in the forward; grad_logdet:
+    one value per image (``num_patches`` rows), ``grad_logdet_stride`` apart. ``COPY`` (with
+    ``SCATTER``): the programs first copy the grad_y images to the images at ``copy_ptr``, for
+    a later ``GATHER`` launch to overwrite the patches in. streams / hidden: the forward's
+    saved activations (``n_res + 1`` and ``n_res * n_mlp`` slots); grad_streams and
     grad_hidden: the same shapes, filled with the gradients of the streams and of every hidden
-    linear's output; partial ``(programs, partial_width)`` in the accumulator dtype: row ``pid``
-    holds this program's sums of the s_scale ``[0, DIM)`` and t_scale ``[DIM, 2 DIM)``
-    gradients and of the slope gradients of the first, mid and last linears at the offsets.
+    linear's output. Partial sums over this program's rows, in the accumulator dtype, at
+    ``partial_ptr + pid * partial_stride``: of the s_scale and t_scale gradients (``DIM``
+    each) at ``s_offset`` and ``t_offset``, of the slope gradients of the first, mid and last
+    linears (laid out as their slopes) at ``first_offset``, ``mid_offset``, ``last_offset``.
     """
     pid = tl.program_id(0)
     rows, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
     slot_stream = 2 * net_stream
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
-    partial = partial_ptr + pid.to(tl.int64) * partial_width
+    partial = partial_ptr + pid.to(tl.int64) * partial_stride
+    if COPY:
+        _copy_share(grad_y_ptr, copy_ptr, (n_rows // num_patches).to(tl.int64) * image_numel, BLOCK_ROWS * BLOCK_D)
 
     # The coupling: gradients of s_raw and t_raw (into the last stream slot), the direct
     # part of grad_x, the scale-gradient partial sums.
     raw = streams_ptr + slot_stream * n_res
     grad_raw = grad_streams_ptr + slot_stream * n_res
-    grad_logdet = _load(grad_logdet_ptr + rows, row_live, ACC_FP64, False)[:, None]
+    grad_logdet = _load(grad_logdet_ptr + (rows // num_patches) * grad_logdet_stride, row_live, ACC_FP64, False)[:, None]
     for d0 in range(0, DIM, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
         offsets = rows[:, None] * DIM + cols[None, :]
-        grad_y = _load(grad_y_ptr + offsets, live, ACC_FP64, False)
-        x = _load(x_ptr + offsets, live, ACC_FP64, False)
+        y_offsets, y_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, SCATTER)
+        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        grad_y = _load_entries(grad_y_ptr, y_offsets, y_inside, live, ACC_FP64)
+        x = _load_entries(x_ptr, x_offsets, x_inside, live, ACC_FP64)
         s_raw = _load(raw + offsets, live, ACC_FP64, True)
         t_raw = _load(raw + net_stream + offsets, live, ACC_FP64, True)
         s_scale = _load(s_scale_ptr + cols, col_live, ACC_FP64, False)[None, :]
         t_scale = _load(t_scale_ptr + cols, col_live, ACC_FP64, False)[None, :]
         m = _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]
         keep = tl.where(col_live[None, :], 1 - m, 0)
-        s = _tanh(s_scale * keep * s_raw, SERIES_LIMIT)
+        s, tanh_slope = _tanh_and_derivative(s_scale * keep * s_raw, SERIES_LIMIT)
         if INVERSE:
             scale = tl.exp(-s)
             grad_s = -keep * (grad_y * (x - t_scale * keep * t_raw) * scale + grad_logdet)
@@ -352,12 +445,12 @@ def coupling_half_step_bwd_kernel(
             scale = tl.exp(s)
             grad_s = keep * (grad_y * x * scale + grad_logdet)
             grad_t = keep * grad_y
-        grad_pre_tanh = grad_s * (1 - s * s)
-        tl.store(grad_x_ptr + offsets, (grad_y * scale).to(grad_x_ptr.dtype.element_ty), mask=live)
+        grad_pre_tanh = grad_s * tanh_slope
+        tl.store(grad_x_ptr + x_offsets, (grad_y * scale).to(grad_x_ptr.dtype.element_ty), mask=x_inside)
         tl.store(grad_raw + offsets, (grad_pre_tanh * s_scale).to(grad_streams_ptr.dtype.element_ty), mask=live)
         tl.store(grad_raw + net_stream + offsets, (grad_t * t_scale).to(grad_streams_ptr.dtype.element_ty), mask=live)
-        tl.store(partial + cols, tl.sum(grad_pre_tanh * s_raw, axis=0), mask=col_live)
-        tl.store(partial + DIM + cols, tl.sum(grad_t * t_raw, axis=0), mask=col_live)
+        tl.store(partial + s_offset + cols, tl.sum(grad_pre_tanh * s_raw, axis=0), mask=col_live)
+        tl.store(partial + t_offset + cols, tl.sum(grad_t * t_raw, axis=0), mask=col_live)
     tl.debug_barrier()
 
     for net in range(2):
@@ -398,18 +491,20 @@ def coupling_half_step_bwd_kernel(
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
         offsets = rows[:, None] * DIM + cols[None, :]
+        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
         m = _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]
         grad_cond = _load(grad_streams_ptr + offsets, live, ACC_FP64, True)
         grad_cond += _load(grad_streams_ptr + net_stream + offsets, live, ACC_FP64, True)
-        grad_x = _load(grad_x_ptr + offsets, live, ACC_FP64, True) + m * grad_cond
-        tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=live)
+        grad_x = _load(grad_x_ptr + x_offsets, x_inside, ACC_FP64, True) + m * grad_cond
+        tl.store(grad_x_ptr + x_offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=x_inside)
 
 
 @triton.jit
 def coupling_weight_grad_kernel(
     src_ptr, grad_ptr, slope_ptr, grad_w_ptr, grad_b_ptr,
     n_rows, n_res, src_block_slots, src_shift, grad_block_slots, grad_shift,
-    IN_W: tl.constexpr, OUT_W: tl.constexpr, ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    IN_W: tl.constexpr, OUT_W: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
     """Weight and bias gradients of one kind of linear, for all its matrices.
@@ -420,7 +515,8 @@ def coupling_weight_grad_kernel(
     gradient from slot ``i * grad_block_slots + m + grad_shift`` of grad ``(slots, 2, n_rows,
     OUT_W)``; slope ``(matrices, IN_W)``. Writes ``grad_w[q] = grad^T @ swish(src)``
     ``(matrices, OUT_W, IN_W)`` and (programs with ``pid(2) == 0``) ``grad_b[q] = sum_rows
-    grad`` ``(matrices, OUT_W)``, each tile summed over all rows by one program.
+    grad`` ``(matrices, OUT_W)``, each tile summed over all rows by one program; with
+    ``ACCUMULATE`` adds them to what the buffers hold (a pair of networks another half-step used).
     """
     q = tl.program_id(0)
     per_m = n_res * 2
@@ -447,9 +543,14 @@ def coupling_weight_grad_kernel(
         acc = _dot(g_t, a.to(g_t.dtype), acc, ACC_FP64, DOT_TF32, DOT_UPCAST)
         bias += tl.sum(g_t.to(acc.dtype), axis=1)
     q64 = q.to(tl.int64)
-    tl.store(grad_w_ptr + q64 * (OUT_W * IN_W) + outs[:, None] * IN_W + ins[None, :], acc.to(grad_w_ptr.dtype.element_ty),
-             mask=out_live[:, None] & in_live[None, :])
+    w_offsets = q64 * (OUT_W * IN_W) + outs[:, None] * IN_W + ins[None, :]
+    w_live = out_live[:, None] & in_live[None, :]
+    if ACCUMULATE:
+        acc = _load(grad_w_ptr + w_offsets, w_live, ACC_FP64, False) + acc
+    tl.store(grad_w_ptr + w_offsets, acc.to(grad_w_ptr.dtype.element_ty), mask=w_live)
     if tl.program_id(2) == 0:
+        if ACCUMULATE:
+            bias = _load(grad_b_ptr + q64 * OUT_W + outs, out_live, ACC_FP64, False) + bias
         tl.store(grad_b_ptr + q64 * OUT_W + outs, bias.to(grad_b_ptr.dtype.element_ty), mask=out_live)
 
 
@@ -493,25 +594,33 @@ class HalfStepWeights(NamedTuple):
 
 
 class TileConfig(NamedTuple):
-    """Block sizes of the half-step kernels: rows per program, tile widths over D and H, warps."""
+    """Block sizes and launch options of the half-step kernels: rows per program, tile widths
+    over D and H, warps, software-pipeline stages."""
 
     block_rows: int
     block_d: int
     block_h: int
     num_warps: int
+    num_stages: int = 3
 
 
-# GPU tiles by compute dtype: rows per program, the widest tile over D and over H, warps.
-# tl.dot needs every tile dimension >= 16. Chosen from a sweep of a few configurations on one
-# half-step (D = 48, H = 70): there no float32 or bfloat16 kernel spills on sm_90 (float32
-# needs 8 warps for that); some smaller test shapes still spill a few bytes, and sm_80 does
-# (bench/RESULTS.md). Not measured for speed: no GPU was available.
-GPU_TILES = {
-    torch.float32: TileConfig(32, 64, 64, 8),
-    torch.bfloat16: TileConfig(32, 64, 64, 4),
-    torch.float16: TileConfig(32, 64, 64, 4),
-    torch.float64: TileConfig(16, 16, 16, 4),
+#: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
+#: by compute dtype; the first is the default, used wherever nothing is timed. Rows per program
+#: 16 / 32 / 64 (more programs for the few rows of the top levels and small batches; more rows
+#: sharing each weight tile for large ones), 4 or 8 warps, 2 or 3 stages; tiles 64 wide over D
+#: and H, narrowed to the widths (``tl.dot`` needs every tile dimension >= 16). The defaults
+#: (32 rows, float32 with 8 warps) came from a sweep of register use on one half-step (D = 48,
+#: H = 70); none of these is timed (no GPU was available). Every configuration compiles without
+#: spills for sm_80 and sm_90 in float32 and bfloat16 (``scripts/compile_kernels.py``).
+TUNING_CONFIGS = {
+    torch.float32: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    torch.bfloat16: (TileConfig(32, 64, 64, 4, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    torch.float16: (TileConfig(32, 64, 64, 4, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    # float64 multiplies by broadcast-and-sum (for the exactness tests, not for speed): one config.
+    torch.float64: (TileConfig(16, 16, 16, 4, 3),),
 }
+#: The default GPU configuration per compute dtype (the first of :data:`TUNING_CONFIGS`).
+GPU_TILES = {dtype: configs[0] for dtype, configs in TUNING_CONFIGS.items()}
 # Registers a thread may use (PTX .maxnreg). Without it ptxas picked 64 to 128 for some fused
 # specialisations and spilled 4 to 36 B (scripts/compile_kernels.py, 22 of 360 in float32 and
 # bfloat16); with it they use what they need (e.g. 92) and none spills. Not timed on a GPU:
@@ -520,24 +629,91 @@ MAX_REGISTERS = 255
 # Under the interpreter each program and loop iteration costs Python time: one tile per width.
 INTERPRETER_MAX_TILE = 128
 MIN_TILE = 16
+#: Environment variable: "0" turns the timing off, so that every process uses the defaults
+#: (and so the same floating-point summation order: bit-identical runs on one GPU model).
+AUTOTUNE_ENV = "RGKERN_AUTOTUNE"
+# Rows per step of the weight-gradient kernel's loop (the K of its ``g^T @ a`` products) at
+# most: at 64 its float32 IEEE specialisations spilled 284-304 B on sm_80 and sm_90 (the FMA
+# path of tl.dot holds both operand tiles in registers).
+WEIGHT_GRAD_MAX_ROWS = 32
 
 
-def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileConfig:
-    """Block sizes for ``n_rows`` rows of width ``dim``, hidden width ``hidden``, compute ``dtype``.
+def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> tuple:
+    """The :class:`TileConfig`\\ s a launch may use, the default first.
 
-    On a GPU the fixed :data:`GPU_TILES` (narrowed to the widths); under the interpreter
-    (outside :func:`~rgkern.kernels.launch.gpu_block_sizes`) as wide as the data allows, up to
-    :data:`INTERPRETER_MAX_TILE`. Never depends on ``n_rows`` on a GPU (``torch.compile``
-    with dynamic batch sizes must not specialise on it).
+    On a GPU :data:`TUNING_CONFIGS` of the compute ``dtype``, narrowed to the widths ``dim`` and
+    ``hidden`` (equal ones once); never dependent on ``n_rows`` (``torch.compile`` with dynamic
+    batch sizes must not specialise on it). Under the interpreter (outside
+    :func:`~rgkern.kernels.launch.gpu_block_sizes`) one configuration, as wide as the data
+    allows up to :data:`INTERPRETER_MAX_TILE`.
     """
     def width(w, cap):
         return max(MIN_TILE, min(cap, triton.next_power_of_2(int(w))))
 
     if interpreter_requested() and _launch._gpu_block_requests == 0:
         cap = INTERPRETER_MAX_TILE
-        return TileConfig(width(n_rows, cap), width(dim, cap), width(hidden, cap), 4)
-    gpu = GPU_TILES[dtype]
-    return TileConfig(gpu.block_rows, width(dim, gpu.block_d), width(hidden, gpu.block_h), gpu.num_warps)
+        return (TileConfig(width(n_rows, cap), width(dim, cap), width(hidden, cap), 4),)
+    narrowed = (t._replace(block_d=width(dim, t.block_d), block_h=width(hidden, t.block_h)) for t in TUNING_CONFIGS[dtype])
+    return tuple(dict.fromkeys(narrowed))
+
+
+def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileConfig:
+    """The default block sizes for ``n_rows`` rows of width ``dim``, hidden width ``hidden``,
+    compute ``dtype``: the first of :func:`tile_candidates`."""
+    return tile_candidates(n_rows, dim, hidden, dtype)[0]
+
+
+_TUNED: dict = {}  # (kernel, dtype, widths, device) -> the TileConfig timed fastest
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return is_fake(tensor)
+
+
+def tuning_enabled(tensor: torch.Tensor) -> bool:
+    """Whether a launch on ``tensor``'s device may time the configurations: a real CUDA tensor,
+    not while ``torch.compile`` traces, a CUDA graph is captured or launches are recorded, and
+    not under the interpreter or with ``RGKERN_AUTOTUNE=0``."""
+    if interpreter_requested() or os.environ.get(AUTOTUNE_ENV, "1") == "0" or _launch.recording():
+        return False
+    if not tensor.is_cuda or torch.compiler.is_compiling() or _is_fake(tensor):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def choose_tiles(key: tuple, candidates: tuple, trial, tensor: torch.Tensor) -> TileConfig:
+    """The configuration of the launches ``key`` names (kernel, dtype, widths; not the rows).
+
+    Where :func:`tuning_enabled`, the first launch of a key times every candidate with
+    ``trial(tiles)`` (a launch that writes only scratch buffers: the timing runs each several
+    times, and some kernels accumulate into their outputs) and keeps the fastest for the
+    process. Elsewhere the one kept earlier, or the default (the first candidate).
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    key = (*key, str(tensor.device))
+    choice = _TUNED.get(key)
+    if choice is None and tuning_enabled(tensor):
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda tiles=tiles: trial(tiles), warmup=5, rep=25) for tiles in candidates]
+        choice = _TUNED[key] = candidates[times.index(min(times))]
+    return candidates[0] if choice is None else choice
+
+
+def _launch_with(launch, tiles: TileConfig, candidates: tuple) -> None:
+    """``launch(tiles)``; while launches are recorded (:func:`~rgkern.kernels.launch.record_launches`)
+    the other candidates are recorded too, not run: the ahead-of-time compile covers them all."""
+    if _launch.recording():
+        with _launch.record_only():
+            for other in candidates:
+                if other != tiles:
+                    launch(other)
+    launch(tiles)
 
 
 def _dot_tf32(compute_dtype: torch.dtype) -> bool:
@@ -557,6 +733,66 @@ def activation_shapes(n_rows: int, dim: int, weights: HalfStepWeights, save: boo
     hidden_slots = max(1, n_res * n_mlp if save else min(2, n_res * n_mlp))
     hidden = (hidden_slots, 2, n_rows, weights.hidden) if n_mlp else (1,)
     return (stream_slots, 2, n_rows, dim), hidden
+
+
+class _Patches(NamedTuple):
+    """How a launch addresses images: the patch table ``(P, D)``, P, and the values per image."""
+
+    row_index: torch.Tensor
+    num_patches: int
+    image_numel: int
+
+
+def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool, streams, hidden, y, logdet,
+                    patches: Optional[_Patches] = None, gather=False, scatter=False, accumulate=False, copy_to=None):
+    """:func:`coupling_half_step_fwd_kernel` on ``n_rows = logdet.numel()`` > 0 rows, tiles by :func:`choose_tiles`.
+
+    ``patches`` describes the images that ``x`` (``gather``) and ``y`` (``scatter``) are;
+    ``copy_to``: images that the x images are first copied to (needs ``gather``).
+    """
+    n_rows, dim = logdet.shape[0], mask.shape[0]
+    acc = accumulator_dtype(x.dtype)
+    compute = weights.w_last.dtype
+    w = _present(weights)
+    row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
+
+    def launch(tiles, streams=streams, hidden=hidden, y=y, logdet=logdet, copy_to=copy_to):
+        launch_kernel(
+            coupling_half_step_fwd_kernel,
+            (triton.cdiv(n_rows, tiles.block_rows),),
+            x, mask, s_scale, t_scale,
+            w.w_first, w.b_first, w.slope_first,
+            w.w_mid, w.b_mid, w.slope_mid,
+            w.w_last, w.b_last, w.slope_last,
+            streams, hidden, y, logdet, row_index, x if copy_to is None else copy_to,
+            n_rows, weights.n_res, weights.n_mid, streams.shape[0], hidden.shape[0], num_patches, image_numel,
+            DIM=dim,
+            HIDDEN=weights.hidden,
+            HAS_HIDDEN=weights.n_mlp > 0,
+            INVERSE=bool(inverse),
+            GATHER=gather,
+            SCATTER=scatter,
+            ACCUMULATE=accumulate,
+            COPY=copy_to is not None,
+            ACC_FP64=acc == torch.float64,
+            DOT_TF32=_dot_tf32(compute),
+            DOT_UPCAST=_dot_upcast(compute),
+            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
+            BLOCK_ROWS=tiles.block_rows,
+            BLOCK_D=tiles.block_d,
+            BLOCK_H=tiles.block_h,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            maxnreg=MAX_REGISTERS,
+        )
+
+    def trial(tiles):
+        scratch = [torch.empty_like(t) for t in (streams, hidden, y, logdet)]
+        launch(tiles, *scratch, copy_to=None if copy_to is None else torch.empty_like(copy_to))
+
+    candidates = tile_candidates(n_rows, dim, weights.hidden, compute)
+    tiles = choose_tiles(("forward", compute, dim, weights.hidden, weights.n_mlp), candidates, trial, x)
+    _launch_with(launch, tiles, candidates)
 
 
 def coupling_half_step_forward(
@@ -584,31 +820,102 @@ def coupling_half_step_forward(
         compute dtype (fewer slots, reused, without ``save``).
     """
     n_rows, dim = x.shape
-    acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
-    n_res, n_mlp, hidden_width = weights.n_res, weights.n_mlp, weights.hidden
     stream_shape, hidden_shape = activation_shapes(n_rows, dim, weights, save)
-    stream_slots, hidden_slots = stream_shape[0], hidden_shape[0]
     y = empty((n_rows, dim), dtype=x.dtype, device=x.device)
-    logdet = empty((n_rows,), dtype=acc, device=x.device)
+    logdet = empty((n_rows,), dtype=accumulator_dtype(x.dtype), device=x.device)
     streams = empty(stream_shape, dtype=compute, device=x.device)
     hidden = empty(hidden_shape, dtype=compute, device=x.device)
     if n_rows > 0:
-        tiles = tile_config(n_rows, dim, hidden_width, compute)
-        w = _present(weights)
+        _launch_forward(x, mask, s_scale, t_scale, weights, inverse, streams, hidden, y, logdet)
+    return y, logdet, streams, hidden
+
+
+def _present(weights: HalfStepWeights) -> HalfStepWeights:
+    """``weights`` with the absent tensors replaced by a present one (the kernels never read them)."""
+    return HalfStepWeights(*(weights.w_last if t is None else t for t in weights))
+
+
+class _PartialLayout(NamedTuple):
+    """Where the backward kernel's per-program partial sums go: a row of ``width`` values per
+    program, holding ``pairs`` half-steps' worth of each kind (s_scale, t_scale, first, mid
+    and last slopes) kind by kind, so that one sum over the rows gives every kind contiguous
+    and stacked over pairs. ``starts`` and ``sizes`` per kind (one pair's size)."""
+
+    width: int
+    starts: tuple
+    sizes: tuple
+
+    def offsets(self, pair: int) -> tuple:
+        """The kernel's ``s_offset .. last_offset`` for pair ``pair``."""
+        return tuple(start + pair * size for start, size in zip(self.starts, self.sizes))
+
+    def split(self, sums: torch.Tensor, pairs: int) -> list:
+        """The summed row cut into the kinds, each ``(pairs, size)``."""
+        return [sums[start:start + pairs * size].view(pairs, size) for start, size in zip(self.starts, self.sizes)]
+
+
+def _partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> _PartialLayout:
+    n_res, n_mid, n_mlp, hidden = weights.n_res, weights.n_mid, weights.n_mlp, weights.hidden
+    sizes = (dim, dim, n_res * 2 * dim if n_mlp else 0, n_mid * n_res * 2 * hidden, n_res * 2 * (hidden if n_mlp else dim))
+    starts, start = [], 0
+    for size in sizes:
+        starts.append(start)
+        start += pairs * size
+    return _PartialLayout(start, tuple(starts), sizes)
+
+
+def _backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
+                    streams, hidden, grad_x, layout, n_rows: int, patches=None, gather=False, scatter=False,
+                    copy_to=None) -> tuple:
+    """``(tiles, candidates)`` of :func:`coupling_half_step_bwd_kernel` (:func:`choose_tiles`,
+    timed on this launch with scratch outputs); the partial sums' rows depend on the choice."""
+    dim, compute, acc = mask.shape[0], weights.w_last.dtype, accumulator_dtype(x.dtype)
+    candidates = tile_candidates(n_rows, dim, weights.hidden, compute)
+
+    def trial(tiles):
+        partial = torch.empty((triton.cdiv(n_rows, tiles.block_rows), layout.width), dtype=acc, device=x.device)
+        scratch = [torch.empty_like(t) for t in (streams, hidden, grad_x)]
+        _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden, *scratch,
+                         partial, layout.offsets(0), n_rows, tiles, (tiles,), patches, gather, scatter,
+                         None if copy_to is None else torch.empty_like(copy_to))
+
+    tiles = choose_tiles(("backward", compute, dim, weights.hidden, weights.n_mlp), candidates, trial, x)
+    return tiles, candidates
+
+
+def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
+                     streams, hidden, grad_streams, grad_hidden, grad_x, partial, partial_offsets, n_rows: int,
+                     tiles: TileConfig, candidates: tuple, patches: Optional[_Patches] = None, gather=False,
+                     scatter=False, copy_to=None):
+    """:func:`coupling_half_step_bwd_kernel` on ``n_rows`` > 0 rows, one program per row of ``partial``
+    (``tiles`` from :func:`_backward_tiles`).
+
+    ``patches``: the images that ``grad_y`` (``scatter``) and ``x``, ``grad_x`` (``gather``)
+    are; ``copy_to``: images that the grad_y images are first copied to (needs ``scatter``).
+    """
+    dim = mask.shape[0]
+    acc = partial.dtype
+    compute = weights.w_last.dtype
+    w = _present(weights)
+    row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
+
+    def launch(tiles):
         launch_kernel(
-            coupling_half_step_fwd_kernel,
-            (triton.cdiv(n_rows, tiles.block_rows),),
-            x, mask, s_scale, t_scale,
-            w.w_first, w.b_first, w.slope_first,
-            w.w_mid, w.b_mid, w.slope_mid,
-            w.w_last, w.b_last, w.slope_last,
-            streams, hidden, y, logdet,
-            n_rows, n_res, weights.n_mid, stream_slots, hidden_slots,
+            coupling_half_step_bwd_kernel,
+            (partial.shape[0],),
+            grad_y, grad_logdet, x, mask, s_scale, t_scale,
+            w.w_first, w.slope_first, w.w_mid, w.slope_mid, w.w_last, w.slope_last,
+            streams, hidden, grad_streams, grad_hidden, grad_x, partial, row_index, grad_y if copy_to is None else copy_to,
+            n_rows, weights.n_res, weights.n_mid, partial.stride(0), *partial_offsets,
+            num_patches, image_numel, grad_logdet.stride(0),
             DIM=dim,
-            HIDDEN=hidden_width,
-            HAS_HIDDEN=n_mlp > 0,
+            HIDDEN=weights.hidden,
+            HAS_HIDDEN=weights.n_mlp > 0,
             INVERSE=bool(inverse),
+            GATHER=gather,
+            SCATTER=scatter,
+            COPY=copy_to is not None,
             ACC_FP64=acc == torch.float64,
             DOT_TF32=_dot_tf32(compute),
             DOT_UPCAST=_dot_upcast(compute),
@@ -617,14 +924,79 @@ def coupling_half_step_forward(
             BLOCK_D=tiles.block_d,
             BLOCK_H=tiles.block_h,
             num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
             maxnreg=MAX_REGISTERS,
         )
-    return y, logdet, streams, hidden
+
+    _launch_with(launch, tiles, candidates)
 
 
-def _present(weights: HalfStepWeights) -> HalfStepWeights:
-    """``weights`` with the absent tensors replaced by a present one (the kernels never read them)."""
-    return HalfStepWeights(*(weights.w_last if t is None else t for t in weights))
+def _launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams, hidden, grad_streams, grad_hidden,
+                         n_rows: int, acc: torch.dtype, accumulate: bool = False) -> None:
+    """The weight and bias gradients of every kind of linear into ``grads`` (one launch per kind,
+    tiles by :func:`choose_tiles`).
+
+    ``grads``: buffers shaped as the weights (their w and b entries; None where absent);
+    ``accumulate``: add to what they hold.
+    """
+    dim = weights.w_last.shape[-2]
+    hidden_width, n_res, n_mlp = weights.hidden, weights.n_res, weights.n_mlp
+    compute = weights.w_last.dtype
+    flags = dict(ACC_FP64=acc == torch.float64, DOT_TF32=_dot_tf32(compute), DOT_UPCAST=_dot_upcast(compute))
+
+    def kind(src, grad, weight, slopes, grad_w, grad_b, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
+        def launch(tiles, grad_w=grad_w, grad_b=grad_b):
+            block_out = tiles.block_d if out_w == dim else tiles.block_h
+            block_in = tiles.block_d if in_w == dim else tiles.block_h
+            launch_kernel(
+                coupling_weight_grad_kernel,
+                (weight.numel() // (in_w * out_w), triton.cdiv(out_w, block_out), triton.cdiv(in_w, block_in)),
+                src, grad, slopes, grad_w, grad_b,
+                n_rows, n_res, src_slots, src_shift, grad_slots, grad_shift,
+                IN_W=in_w,
+                OUT_W=out_w,
+                ACCUMULATE=accumulate,
+                BLOCK_ROWS=min(tiles.block_rows, WEIGHT_GRAD_MAX_ROWS),
+                BLOCK_OUT=block_out,
+                BLOCK_IN=block_in,
+                num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages,
+                maxnreg=MAX_REGISTERS,
+                **flags,
+            )
+
+        candidates = tile_candidates(n_rows, dim, hidden_width, compute)
+        tiles = choose_tiles(("weight_grad", compute, in_w, out_w), candidates,
+                             lambda tiles: launch(tiles, torch.empty_like(grad_w), torch.empty_like(grad_b)), grad)
+        _launch_with(launch, tiles, candidates)
+
+    if n_mlp:
+        kind(streams, grad_hidden, weights.w_first, weights.slope_first, grads.w_first, grads.b_first,
+             1, 0, n_mlp, 0, dim, hidden_width)
+        kind(hidden, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last,
+             n_mlp, n_mlp - 1, 1, 1, hidden_width, dim)
+    else:
+        kind(streams, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last, 1, 0, 1, 1, dim, dim)
+    if weights.n_mid:
+        kind(hidden, grad_hidden, weights.w_mid, weights.slope_mid, grads.w_mid, grads.b_mid,
+             n_mlp, 0, n_mlp, 1, hidden_width, hidden_width)
+
+
+def _weight_grad_buffers(weights: HalfStepWeights, empty, device) -> HalfStepWeights:
+    """Buffers for the w and b gradients (None for the slopes, which the partial sums give)."""
+    return HalfStepWeights(*(
+        None if t is None or name.startswith("slope") else empty(t.shape, dtype=t.dtype, device=device)
+        for name, t in zip(HalfStepWeights._fields, weights)
+    ))
+
+
+def _with_slopes(grads: HalfStepWeights, weights: HalfStepWeights, first, mid, last) -> HalfStepWeights:
+    """``grads`` with the slope gradients, each shaped and typed as its slope (None where absent)."""
+    def shaped(values, like):
+        return None if like is None else values.reshape(like.shape).to(like.dtype)
+
+    return grads._replace(slope_first=shaped(first, weights.slope_first), slope_mid=shaped(mid, weights.slope_mid),
+                          slope_last=shaped(last, weights.slope_last))
 
 
 def coupling_half_step_backward(
@@ -643,8 +1015,8 @@ def coupling_half_step_backward(
     """Gradients of :func:`coupling_half_step_forward` (run with ``save=True``).
 
     Args:
-        grad_y ``(N, D)`` of x's dtype and grad_logdet ``(N,)`` (accumulator dtype),
-        contiguous; the rest as passed to and returned by the forward.
+        grad_y ``(N, D)`` of x's dtype, contiguous, and grad_logdet ``(N,)`` (accumulator
+        dtype, any stride); the rest as passed to and returned by the forward.
     Returns:
         ``grad_x (N, D)``, ``grad_s_scale``, ``grad_t_scale`` ``(D,)`` (the scales' dtype) and a
         :class:`HalfStepWeights` of the weight gradients (None where the weight is absent),
@@ -653,90 +1025,207 @@ def coupling_half_step_backward(
     n_rows, dim = x.shape
     acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
-    n_res, n_mid, n_mlp, hidden_width = weights.n_res, weights.n_mid, weights.n_mlp, weights.hidden
-    tiles = tile_config(n_rows, dim, hidden_width, compute)
-    programs = max(1, triton.cdiv(n_rows, tiles.block_rows))
-    last_in = hidden_width if n_mlp else dim
-    first_offset = 2 * dim
-    mid_offset = first_offset + (n_res * 2 * dim if n_mlp else 0)
-    last_offset = mid_offset + n_mid * n_res * 2 * hidden_width
-    partial_width = last_offset + n_res * 2 * last_in
-    partial = (torch.zeros if n_rows == 0 else empty)((programs, partial_width), dtype=acc, device=x.device)
+    layout = _partial_layout(dim, weights)
     grad_x = empty((n_rows, dim), dtype=x.dtype, device=x.device)
+    args = (grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden)
+    tiles, candidates = _backward_tiles(*args, grad_x, layout, n_rows) if n_rows > 0 else (None, ())
+    programs = max(1, triton.cdiv(n_rows, tiles.block_rows)) if n_rows > 0 else 1
+    partial = (torch.zeros if n_rows == 0 else empty)((programs, layout.width), dtype=acc, device=x.device)
     grad_streams = empty(streams.shape, dtype=compute, device=x.device)
     grad_hidden = empty(hidden.shape, dtype=compute, device=x.device)
-    flags = dict(ACC_FP64=acc == torch.float64, DOT_TF32=_dot_tf32(compute), DOT_UPCAST=_dot_upcast(compute))
-    w = _present(weights)
+    grads = _weight_grad_buffers(weights, empty, x.device)
     if n_rows > 0:
-        launch_kernel(
-            coupling_half_step_bwd_kernel,
-            (programs,),
-            grad_y, grad_logdet, x, mask, s_scale, t_scale,
-            w.w_first, w.slope_first, w.w_mid, w.slope_mid, w.w_last, w.slope_last,
-            streams, hidden, grad_streams, grad_hidden, grad_x, partial,
-            n_rows, n_res, n_mid, partial_width, first_offset, mid_offset, last_offset,
-            DIM=dim,
-            HIDDEN=hidden_width,
-            HAS_HIDDEN=n_mlp > 0,
-            INVERSE=bool(inverse),
-            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
-            BLOCK_ROWS=tiles.block_rows,
-            BLOCK_D=tiles.block_d,
-            BLOCK_H=tiles.block_h,
-            num_warps=tiles.num_warps,
-            maxnreg=MAX_REGISTERS,
-            **flags,
-        )
-    sums = partial.sum(dim=0)
-    grad_s_scale = sums[:dim].to(s_scale.dtype)
-    grad_t_scale = sums[dim:first_offset].to(t_scale.dtype)
-    slope_sums = sums[first_offset:].to(weights.slope_last.dtype)
-
-    def weight_grads(src, grad, weight, bias, slopes, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
-        """Weight and bias gradients of one kind of linear (all its matrices in one launch)."""
-        mats = weight.numel() // (in_w * out_w)
-        grad_w = empty(weight.shape, dtype=compute, device=x.device)
-        grad_b = empty(weight.shape[:-1], dtype=bias.dtype, device=x.device)
-        block_out = tiles.block_d if out_w == dim else tiles.block_h
-        block_in = tiles.block_d if in_w == dim else tiles.block_h
-        if n_rows == 0:
-            return grad_w.zero_(), grad_b.zero_()
-        launch_kernel(
-            coupling_weight_grad_kernel,
-            (mats, triton.cdiv(out_w, block_out), triton.cdiv(in_w, block_in)),
-            src, grad, slopes, grad_w, grad_b,
-            n_rows, n_res, src_slots, src_shift, grad_slots, grad_shift,
-            IN_W=in_w,
-            OUT_W=out_w,
-            BLOCK_ROWS=tiles.block_rows,
-            BLOCK_OUT=block_out,
-            BLOCK_IN=block_in,
-            num_warps=tiles.num_warps,
-            maxnreg=MAX_REGISTERS,
-            **flags,
-        )
-        return grad_w, grad_b
-
-    def slope_grad(offset, like):
-        return None if like is None else slope_sums[offset - first_offset:offset - first_offset + like.numel()].view(like.shape)
-
-    if n_mlp:
-        grad_w_first, grad_b_first = weight_grads(streams, grad_hidden, weights.w_first, weights.b_first, weights.slope_first,
-                                                  1, 0, n_mlp, 0, dim, hidden_width)
-        grad_w_last, grad_b_last = weight_grads(hidden, grad_streams, weights.w_last, weights.b_last, weights.slope_last,
-                                                n_mlp, n_mlp - 1, 1, 1, hidden_width, dim)
+        _launch_backward(*args, grad_streams, grad_hidden, grad_x, partial, layout.offsets(0), n_rows, tiles, candidates)
+        _launch_weight_grads(weights, grads, streams, hidden, grad_streams, grad_hidden, n_rows, acc)
     else:
-        grad_w_first = grad_b_first = None
-        grad_w_last, grad_b_last = weight_grads(streams, grad_streams, weights.w_last, weights.b_last, weights.slope_last,
-                                                1, 0, 1, 1, dim, dim)
-    if n_mid:
-        grad_w_mid, grad_b_mid = weight_grads(hidden, grad_hidden, weights.w_mid, weights.b_mid, weights.slope_mid,
-                                              n_mlp, 0, n_mlp, 1, hidden_width, hidden_width)
-    else:
-        grad_w_mid = grad_b_mid = None
-    grads = HalfStepWeights(
-        grad_w_first, grad_b_first, slope_grad(first_offset, weights.slope_first),
-        grad_w_mid, grad_b_mid, slope_grad(mid_offset, weights.slope_mid),
-        grad_w_last, grad_b_last, slope_grad(last_offset, weights.slope_last),
-    )
-    return grad_x, grad_s_scale, grad_t_scale, grads
+        grads = HalfStepWeights(*(None if g is None else g.zero_() for g in grads))
+    grad_s, grad_t, first, mid, last = (part[0] for part in layout.split(partial.sum(dim=0), 1))
+    return grad_x, grad_s.to(s_scale.dtype), grad_t.to(t_scale.dtype), _with_slopes(grads, weights, first, mid, last)
+
+
+# --------------------------------------------------------------------------- a whole sublayer
+def pair_weights(weights: HalfStepWeights, pair: int) -> HalfStepWeights:
+    """Pair ``pair``'s :class:`HalfStepWeights` of a sublayer's stacked weights (leading pair dimension)."""
+    return HalfStepWeights(*(None if t is None else t[pair] for t in weights))
+
+
+def half_step_order(pairs: int, shared: bool, inverse: bool) -> list:
+    """``(pair, flipped, use)`` of each half-step of a sublayer, in the order they run.
+
+    Half-step ``2 * block + flipped`` of a sublayer of ``pairs`` networks pairs: pair
+    ``2 * block + flipped`` of its own, or ``block`` when ``shared`` (both half-steps of a
+    block use one pair; ``use`` = flipped tells them apart, else 0). Reversed when ``inverse``.
+    """
+    blocks = pairs if shared else pairs // 2
+    steps = range(2 * blocks - 1, -1, -1) if inverse else range(2 * blocks)
+    return [(step // 2, step % 2, step % 2) if shared else (step, step % 2, 0) for step in steps]
+
+
+def sublayer_buffer_shapes(batch: int, row_index_shape, pairs: int, weights: HalfStepWeights, shared: bool,
+                           keep_rows: bool, keep_activations: bool) -> tuple[tuple, tuple, tuple]:
+    """Shapes of the ``rows``, ``streams`` and ``hidden`` buffers :func:`sublayer_couplings_forward` returns."""
+    num_patches, dim = row_index_shape
+    n_rows = batch * num_patches
+    steps = 2 * (pairs if shared else pairs // 2)
+    stream_shape, hidden_shape = activation_shapes(n_rows, dim, pair_weights(weights, 0), keep_activations)
+    lead = (steps,) if keep_activations else (1,)
+    return (steps - 1 if keep_rows else min(2, steps - 1), n_rows, dim), lead + stream_shape, lead + hidden_shape
+
+
+def sublayer_couplings_forward(
+    images: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    flipped_mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    weights: HalfStepWeights,
+    shared: bool,
+    inverse: bool,
+    keep_rows: bool,
+    keep_activations: bool,
+    empty=torch.empty,
+):
+    """Every coupling half-step of a sublayer on whole images: ``2 * blocks`` launches.
+
+    The first half-step gathers its rows from ``images`` through ``row_index`` and copies the
+    images to the output (where some pixels are in no patch); the last writes its rows into the
+    output; the log-det accumulates per row in the kernels.
+
+    Args:
+        images: ``(B, C, L, L)`` contiguous; row_index: ``(P, D)`` int64/int32, patches that do
+            not overlap (a sublayer's); mask, flipped_mask: ``(D,)`` (half-steps ``2 * block``
+            and ``2 * block + 1``); s_scale, t_scale: ``(pairs, D)``; weights: a
+            :class:`HalfStepWeights` of tensors with a leading pair dimension (:func:`pair_weights`);
+            shared: both half-steps of a block use one pair (:func:`half_step_order`).
+        keep_rows: keep every half-step's input rows (for the backward); else two are reused.
+        keep_activations: keep every half-step's activations (else the backward recomputes them).
+    Returns:
+        ``out`` (images), ``logdet (B,)`` (float64 for float64 images, else float32), ``rows``
+        ``(half-steps - 1, B*P, D)`` (input of half-step ``j + 1`` in run order at ``j``),
+        ``streams`` and ``hidden``: :func:`activation_shapes` with a leading half-step dimension.
+    """
+    batch = images.shape[0]
+    num_patches, dim = row_index.shape
+    n_rows = batch * num_patches
+    pairs = s_scale.shape[0]
+    order = half_step_order(pairs, shared, inverse)
+    acc = accumulator_dtype(images.dtype)
+    compute = weights.w_last.dtype
+    rows_shape, stream_shape, hidden_shape = sublayer_buffer_shapes(batch, row_index.shape, pairs, weights, shared,
+                                                                    keep_rows, keep_activations)
+    streams = empty(stream_shape, dtype=compute, device=images.device)
+    hidden = empty(hidden_shape, dtype=compute, device=images.device)
+    rows = empty(rows_shape, dtype=images.dtype, device=images.device)
+    out = empty(images.shape, dtype=images.dtype, device=images.device)
+    logdet = empty((n_rows,), dtype=acc, device=images.device)
+    if n_rows == 0:
+        return out.copy_(images), logdet.new_zeros((batch,)), rows, streams, hidden
+    patches = _Patches(row_index, num_patches, images[0].numel())
+    covers_all = num_patches * dim == patches.image_numel  # the patches of a sublayer never overlap
+    masks = (mask, flipped_mask)
+    last = len(order) - 1
+    for j, (pair, flipped, _) in enumerate(order):
+        x = images if j == 0 else rows[(j - 1) % rows.shape[0]]
+        y = out if j == last else rows[j % rows.shape[0]]
+        slot = j if keep_activations else 0
+        _launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair), inverse,
+                        streams[slot], hidden[slot], y, logdet, patches, gather=j == 0, scatter=j == last,
+                        accumulate=j > 0, copy_to=out if j == 0 and not covers_all else None)
+    return out, logdet.view(batch, num_patches).sum(dim=1), rows, streams, hidden
+
+
+def sublayer_couplings_backward(
+    grad_out: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    images: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    flipped_mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    weights: HalfStepWeights,
+    shared: bool,
+    inverse: bool,
+    rows: torch.Tensor,
+    streams: torch.Tensor,
+    hidden: torch.Tensor,
+    recompute: bool,
+    grad_images_needed: bool = True,
+    empty=torch.empty,
+):
+    """Gradients of :func:`sublayer_couplings_forward` (run with ``keep_rows``).
+
+    Args:
+        grad_out: images' gradient ``(B, C, L, L)`` contiguous; grad_logdet ``(B,)`` in the
+            accumulator dtype, any stride (an expanded one is read as it is);
+        recompute: the forward kept no activations (``keep_activations=False``): each
+            half-step's are recomputed from its input rows before its backward;
+        grad_images_needed: else the pixels no patch covers get no gradient (not copied);
+        the rest as passed to and returned by the forward.
+    Returns:
+        ``grad_images`` ``(B, C, L, L)``, ``grad_s_scale``, ``grad_t_scale`` ``(pairs, D)`` and a
+        :class:`HalfStepWeights` of stacked gradients (None where the weight is absent). A
+        pair used by two half-steps gets their sum; every reduction is deterministic.
+    """
+    batch = images.shape[0]
+    num_patches, dim = row_index.shape
+    n_rows = batch * num_patches
+    pairs = s_scale.shape[0]
+    order = half_step_order(pairs, shared, inverse)
+    acc = accumulator_dtype(images.dtype)
+    compute = weights.w_last.dtype
+    first = pair_weights(weights, 0)
+    uses = 2 if shared else 1
+    layout = _partial_layout(dim, first, pairs)
+    grad_images = empty(images.shape, dtype=images.dtype, device=images.device)
+    grad_rows = empty((min(2, len(order) - 1), n_rows, dim), dtype=images.dtype, device=images.device)
+    stream_shape, hidden_shape = activation_shapes(n_rows, dim, first, True)
+    grad_streams = empty(stream_shape, dtype=compute, device=images.device)
+    grad_hidden = empty(hidden_shape, dtype=compute, device=images.device)
+    grads = _weight_grad_buffers(weights, empty, images.device)
+    if recompute:
+        streams, hidden = empty((1,) + stream_shape, dtype=compute, device=images.device), empty(
+            (1,) + hidden_shape, dtype=compute, device=images.device)
+        scratch_rows = empty((n_rows, dim), dtype=images.dtype, device=images.device)
+        scratch_logdet = empty((n_rows,), dtype=acc, device=images.device)
+    patches = _Patches(row_index, num_patches, images[0].numel())
+    covers_all = num_patches * dim == patches.image_numel
+    masks = (mask, flipped_mask)
+    last = len(order) - 1
+    copy_through = grad_images_needed and not covers_all
+    tiles, candidates, programs = None, (), 1
+    if n_rows > 0:
+        # Timed (where tuning applies) on the first backward launch: the last half-step's.
+        pair, flipped, _ = order[last]
+        tiles, candidates = _backward_tiles(
+            grad_out, grad_logdet, rows[last - 1], masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair),
+            inverse, streams[0 if recompute else last], hidden[0 if recompute else last], grad_rows[0], layout, n_rows,
+            patches, scatter=True, copy_to=grad_images if copy_through else None)
+        programs = triton.cdiv(n_rows, tiles.block_rows)
+    partial = (torch.zeros if n_rows == 0 else empty)((uses * programs, layout.width), dtype=acc, device=images.device)
+    used = set()
+    for j in (range(last, -1, -1) if n_rows > 0 else ()):
+        pair, flipped, use = order[j]
+        step_weights = pair_weights(weights, pair)
+        x = images if j == 0 else rows[j - 1]
+        slot = 0 if recompute else j
+        if recompute:
+            _launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse, streams[0], hidden[0],
+                            scratch_rows, scratch_logdet, patches, gather=j == 0)
+        grad_y = grad_out if j == last else grad_rows[j % grad_rows.shape[0]]
+        grad_x = grad_images if j == 0 else grad_rows[(j - 1) % grad_rows.shape[0]]
+        _launch_backward(grad_y, grad_logdet, x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse,
+                         streams[slot], hidden[slot], grad_streams, grad_hidden, grad_x,
+                         partial[use * programs:(use + 1) * programs], layout.offsets(pair), n_rows, tiles, candidates,
+                         patches, gather=j == 0, scatter=j == last,
+                         copy_to=grad_images if j == last and copy_through else None)
+        _launch_weight_grads(step_weights, pair_weights(grads, pair), streams[slot], hidden[slot], grad_streams,
+                             grad_hidden, n_rows, acc, accumulate=pair in used)
+        used.add(pair)
+    if n_rows == 0:
+        grad_images.copy_(grad_out)
+        grads = HalfStepWeights(*(None if g is None else g.zero_() for g in grads))
+    grad_s, grad_t, first_slopes, mid_slopes, last_slopes = layout.split(partial.sum(dim=0), pairs)
+    return (grad_images, grad_s.to(s_scale.dtype), grad_t.to(t_scale.dtype),
+            _with_slopes(grads, weights, first_slopes, mid_slopes, last_slopes))

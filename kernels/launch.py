@@ -32,6 +32,7 @@ __all__ = [
     "launch_kernel",
     "record_launches",
     "recording",
+    "record_only",
     "Launch",
     "TensorArgument",
 ]
@@ -48,6 +49,7 @@ INTERPRETER_TILE_ELEMENTS = 16384
 
 _gpu_block_requests = 0  # > 0 inside gpu_block_sizes()
 _recorders: list[dict] = []  # one ordered set of Launch per active record_launches()
+_record_only = 0  # > 0 inside record_only()
 
 
 def interpreter_requested() -> bool:
@@ -182,11 +184,29 @@ def recording() -> bool:
     return bool(_recorders)
 
 
+@contextlib.contextmanager
+def record_only():
+    """Inside this, :func:`launch_kernel` records its launches and does not run them.
+
+    For the launches a GPU might make instead of the one made (the other tile configurations a
+    kernel is tuned over), so that the ahead-of-time compile covers them. Nests; not thread-local.
+    """
+    global _record_only
+    _record_only += 1
+    try:
+        yield
+    finally:
+        _record_only -= 1
+
+
 def launch_kernel(kernel, grid, *args, **kwargs):
-    """``wrap_triton(kernel)[grid](*args, **kwargs)``, recorded when a :func:`record_launches` is active."""
+    """``wrap_triton(kernel)[grid](*args, **kwargs)``, recorded when a :func:`record_launches` is
+    active (and only recorded inside :func:`record_only`)."""
     if _recorders:
         launch = Launch(kernel, tuple(_describe(a) for a in args), tuple(sorted((k, _describe(v)) for k, v in kwargs.items())))
         for seen in _recorders:
             seen.setdefault(launch, None)
+    if _record_only:
+        return None
     return wrap_triton(kernel)[grid](*args, **kwargs)
 

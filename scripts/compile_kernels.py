@@ -35,6 +35,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rgkern  # noqa: E402
+from rgkern.core import ops  # noqa: E402
 from rgkern.kernels import aot  # noqa: E402
 from rgkern.kernels.launch import gpu_block_sizes, record_launches  # noqa: E402
 
@@ -59,9 +60,13 @@ def random_model(image_size: int, channels: int, kernel_size: int, dtype: torch.
 
 
 def record_passes(model: rgkern.RGFlow, batches=BATCHES) -> list:
-    """Distinct launches of encode, decode and a training forward + backward at each batch size.
+    """Distinct launches of encode, decode and a training forward + backward at each batch size
+    (the fused sublayers), and of every sublayer's row path both ways with its backward (the
+    stand-alone gather and scatter around ``transform_rows``, as the incremental encoder and
+    decoder and inpainting run it).
 
-    Recorded with a GPU's block sizes (:func:`~rgkern.kernels.launch.gpu_block_sizes`).
+    Recorded with a GPU's block sizes (:func:`~rgkern.kernels.launch.gpu_block_sizes`); the
+    fused kernels in every tuning configuration.
     """
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -75,6 +80,12 @@ def record_passes(model: rgkern.RGFlow, batches=BATCHES) -> list:
                 model.decode(z)
             model.zero_grad(set_to_none=True)
             model.log_prob(x).sum().backward()
+            for index, sublayer in enumerate(model.sublayers):
+                row_index = model.geometry.row_index(index, device)
+                for inverse in (False, True):
+                    image = x.detach().clone().requires_grad_(True)
+                    rows, logdet = sublayer.transform_rows(ops.gather_patches(image, row_index, "triton"), inverse, "triton")
+                    (ops.scatter_patches(image, rows, row_index, "triton").sum() + logdet.sum()).backward()
     return launches
 
 
@@ -122,6 +133,14 @@ def main(argv=None) -> int:
         spilled = max((r.spill_stores or 0 for r in group), default=0)
         print(f"  {kernel} sm_{arch}: {count} specialisations, {min(registers, default=0)}-{max(registers, default=0)} "
               f"registers, spill stores up to {spilled} B")
+    tiles = collections.defaultdict(list)  # the fused kernels per tuning configuration
+    for r in results:
+        if r.ok and "BLOCK_ROWS" in r.constexprs and "fp64" not in r.pointer_dtypes and r.kernel.startswith("coupling_"):
+            tiles[(r.kernel, r.arch, r.constexprs["BLOCK_ROWS"], r.options.get("num_warps"), r.options.get("num_stages"))].append(r)
+    for (kernel, arch, rows, warps, stages), group in sorted(tiles.items()):
+        print(f"  {kernel} sm_{arch}, {rows} rows, {warps} warps, {stages} stages (float32/bfloat16): {len(group)} "
+              f"specialisations, {min(r.registers for r in group)}-{max(r.registers for r in group)} registers, "
+              f"{sum(r.spills for r in group)} spill")
     print(f"failed: {len(failed)}; float32/bfloat16 specialisations that spill: {len(narrow_spills)}; "
           f"float64 ones that spill: {len(wide_spills)}")
     return 1 if failed or narrow_spills else 0

@@ -14,7 +14,7 @@ import triton.language as tl
 from rgkern.kernels import aot, launch as launch_helpers
 from rgkern.core import functions as triton_ops
 from rgkern.kernels.affine_coupling import affine_coupling_forward
-from rgkern.kernels.coupling_half_step import GPU_TILES
+from rgkern.kernels.coupling_half_step import GPU_TILES, TUNING_CONFIGS, WEIGHT_GRAD_MAX_ROWS
 from rgkern.kernels.launch import GPU_TILE_ELEMENTS, gpu_block_sizes, launch_kernel, record_launches
 
 from utils import random_images, tiny_model
@@ -41,15 +41,20 @@ def all_kernels() -> set:
 
 def record_model(dtype, device) -> list:
     """Launches of a training forward + backward and a decode of a tiny model (L=8, C=3, k=4, D=48),
-    and of the stand-alone coupling op forward and backward (the model runs the fused half-step)."""
+    of its row path (``transform_rows``, as the incremental encoder runs it, between a stand-alone
+    gather and scatter) and of the stand-alone coupling op, forward and backward."""
     model = tiny_model(8, 3, 4, dtype=dtype, backend="triton", n_mlp=2, hidden=24).to(device)
     x = random_images(model, batch=3).to(device)
     rows = torch.randn(20, 48, dtype=dtype, device=device, requires_grad=True)
     scale = torch.ones(48, dtype=dtype, device=device)
+    row_index = model.geometry.row_index(1, device)
     with record_launches() as launches, gpu_block_sizes():
         model.log_prob(x).sum().backward()
         with torch.no_grad():
             model.decode(x)
+        image = x.clone().requires_grad_(True)
+        patch_rows, logdet = model.sublayers[1].transform_rows(triton_ops.gather_patches(image, row_index), False, "triton")
+        (triton_ops.scatter_patches(image, patch_rows, row_index).sum() + logdet.sum()).backward()
         y, logdet = triton_ops.affine_coupling(rows, rows, rows, scale, scale, scale * 0)
         (y.sum() + logdet.sum()).backward()
     return launches
@@ -65,12 +70,29 @@ def constants(launch) -> dict:
     return dict(launch.kwargs)
 
 
+def tile_setting(launch) -> tuple:
+    """A fused launch's (rows per program, warps, stages)."""
+    return tuple(constants(launch)[name] for name in ("BLOCK_ROWS", "num_warps", "num_stages"))
+
+
+def tile_settings(dtype, kernel_name) -> list:
+    """The (rows, warps, stages) of each tuning configuration of a fused kernel, the default first
+    (the weight-gradient kernel's rows are its loop's step, capped)."""
+    cap = WEIGHT_GRAD_MAX_ROWS if kernel_name == "coupling_weight_grad_kernel" else None
+    return [(min(t.block_rows, cap or t.block_rows), t.num_warps, t.num_stages) for t in TUNING_CONFIGS[dtype]]
+
+
 def test_recording_sees_every_kernel_with_gpu_block_sizes(recorded):
+    """Every kernel, at a GPU's block sizes; the fused ones in every tuning configuration (the
+    launches run the default, the others are recorded without running)."""
     for dtype, launches in recorded.items():
         assert {launch.name for launch in launches} == all_kernels(), dtype
+        assert GPU_TILES[dtype] == TUNING_CONFIGS[dtype][0]
+        for name in {launch.name for launch in launches if launch.name.startswith(FUSED)}:
+            settings = {tile_setting(launch) for launch in launches if launch.name == name}
+            assert settings == set(tile_settings(dtype, name)), (dtype, name)
         for launch in launches:
             if launch.name.startswith(FUSED):
-                assert constants(launch)["BLOCK_ROWS"] == GPU_TILES[dtype].block_rows, (dtype, launch.name)
                 continue
             tile = constants(launch)["BLOCK_ROWS"] * constants(launch)["BLOCK_DIM"]
             full_tile = launch.name.startswith("affine_coupling") and dtype != torch.float64
@@ -102,20 +124,35 @@ def test_gpu_block_sizes_apply_only_inside_the_context():
     assert launch_helpers.rows_per_block(width) == interpreted == launch_helpers.INTERPRETER_TILE_ELEMENTS // width
 
 
-def subset(recorded) -> list:
-    """The first launch of each kernel and direction: all kernels in float32, the couplings in the others."""
-    chosen = {}
+MODES = ("GATHER", "SCATTER", "ACCUMULATE", "COPY")
+
+
+def subset(recorded) -> tuple[list, list]:
+    """``(both, sm_90 only)``: the first launch of each kernel and direction, for sm_80 and sm_90
+    (all kernels in float32, the couplings in the others); and for sm_90, the H100/H200 the
+    tuning set is for, the fused kernels in each other tuning configuration and (float32, the
+    default configuration) in each of their image modes: the patch gather, scatter and copy,
+    the log-det and gradient accumulation. ``scripts/compile_kernels.py`` compiles them all."""
+    both, extra = {}, {}
     for dtype, launches in recorded.items():
         for launch in launches:
-            if dtype == torch.float32 or launch.name.startswith(("affine_coupling", *FUSED)):
-                chosen.setdefault((dtype, launch.name, constants(launch).get("INVERSE")), launch)
-    return list(chosen.values())
+            if dtype != torch.float32 and not launch.name.startswith(("affine_coupling", *FUSED)):
+                continue
+            fused = launch.name.startswith(FUSED)
+            if not fused or tile_setting(launch) == tile_settings(dtype, launch.name)[0]:
+                both.setdefault((dtype, launch.name, constants(launch).get("INVERSE")), launch)
+            if fused and tile_setting(launch) != tile_settings(dtype, launch.name)[0]:
+                extra.setdefault((dtype, launch.name, tile_setting(launch)), launch)
+            elif fused and dtype == torch.float32:
+                extra.setdefault((dtype, launch.name, *(constants(launch).get(flag) for flag in MODES)), launch)
+    both_launches = list(both.values())
+    return both_launches, [launch for launch in extra.values() if launch not in both_launches]
 
 
 def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
-    launches = subset(recorded)
-    results = aot.compile_launches(launches, aot.ARCHITECTURES)
-    assert len(results) >= len(launches) * len(aot.ARCHITECTURES)
+    launches, sm90_only = subset(recorded)
+    results = aot.compile_launches(launches, aot.ARCHITECTURES) + aot.compile_launches(sm90_only, (90,))
+    assert len(results) >= len(launches) * len(aot.ARCHITECTURES) + len(sm90_only)
     assert [r.error for r in results if not r.ok] == []
     assert {(r.kernel, r.arch) for r in results} == {(k, a) for k in all_kernels() for a in aot.ARCHITECTURES}
     for r in results:
@@ -124,7 +161,7 @@ def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
         # fused half-step's float64 kernels (broadcast-and-sum matmuls, for the tests only) may.
         known = r.kernel.startswith(FUSED[0]) and "fp64" in r.pointer_dtypes
         if not known:
-            assert not r.spills, f"{r.kernel} sm_{r.arch} {r.arguments}: {r.spill_stores} B spilled"
+            assert not r.spills, f"{r.kernel} sm_{r.arch} {r.arguments} {r.constexprs}: {r.spill_stores} B spilled"
     float64 = [r for r in results if "fp64" in r.pointer_dtypes]
     assert float64 and max(r.registers for r in float64) < 255
 

@@ -10,18 +10,24 @@ the kernel counts of a paper-structured training pass.
 """
 import pytest
 import torch
+import triton
+import triton.testing
 
 import rgkern
 from rgkern.core import functions as triton_ops
 from rgkern.core import reference
 from rgkern.core.errors import InputError, InputTypeError
+from rgkern.core.geometry import get_geometry
 from rgkern.kernels.coupling_half_step import (
     HalfStepWeights,
     coupling_half_step_backward,
     coupling_half_step_forward,
+    sublayer_couplings_backward,
+    sublayer_couplings_forward,
 )
+from rgkern.kernels import coupling_half_step as tuning
 from rgkern.kernels.launch import gpu_block_sizes
-from rgkern.tools.profile import count_work
+from rgkern.tools.profile import count_work, saved_activation_bytes
 
 from utils import random_scales
 
@@ -161,6 +167,145 @@ def test_bad_weights_are_named():
         triton_ops.coupling_half_step(x, mask, s_scale, t_scale, tuple(weights))
 
 
+# --------------------------------------------------------------------------- a whole sublayer
+def stacked_weights(pairs, dim, hidden, n_res, n_mlp, dtype, generator) -> HalfStepWeights:
+    per_pair = [random_weights(dim, hidden, n_res, n_mlp, dtype, generator) for _ in range(pairs)]
+    return HalfStepWeights(*(None if kind[0] is None else torch.stack(kind) for kind in zip(*per_pair)))
+
+
+def sublayer_inputs(L, C, k, sublayer, pairs, hidden, n_res, n_mlp, dtype, batch=3, seed=0):
+    geometry = get_geometry(L, k, C)
+    g = torch.Generator().manual_seed(seed)
+    dim = geometry.patch_dim
+    images = (1.5 * torch.randn(batch, C, L, L, generator=g, dtype=torch.float64)).to(dtype)
+    scales = [(0.7 * torch.randn(pairs, dim, generator=g, dtype=torch.float64)).to(dtype) for _ in range(2)]
+    weights = stacked_weights(pairs, dim, hidden, n_res, n_mlp, dtype, g)
+    grad_out = torch.randn(batch, C, L, L, generator=g, dtype=torch.float64).to(dtype)
+    grad_logdet = torch.randn(batch, generator=g, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    masks = [geometry.coupling_mask(dtype=dtype, flipped=flipped) for flipped in (False, True)]
+    return images, geometry.row_index(sublayer), masks, scales, weights, grad_out, grad_logdet
+
+
+def reference_sublayer(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse, grad_out,
+                       grad_logdet, dtype):
+    """out, logdet and every gradient (images, s_scale, t_scale, the weights) of the reference in ``dtype``."""
+    leaves = [images, s_scale, t_scale, *weights]
+    leaves = [None if t is None else t.detach().to(dtype).clone().requires_grad_(True) for t in leaves]
+    out, logdet = reference.sublayer_couplings(leaves[0], row_index, mask.to(dtype), flipped_mask.to(dtype), leaves[1],
+                                               leaves[2], HalfStepWeights(*leaves[3:]), shared, inverse)
+    ((out * grad_out.to(dtype)).sum() + (logdet * grad_logdet.to(logdet.dtype)).sum()).backward()
+    return [out, logdet] + [None if t is None else t.grad for t in leaves]
+
+
+# (L, C, k, sublayer, pairs, shared, hidden, n_res, n_mlp): level 0 (every pixel in a patch) and
+# levels 1 and 2 (a quarter, a sixteenth), both variants' pairings, n_mlp 0 to 3.
+SUBLAYER_CASES = [
+    (8, 1, 2, 0, 2, False, 8, 1, 2),
+    (8, 3, 2, 3, 2, True, 8, 2, 1),
+    (16, 1, 4, 2, 4, False, 6, 1, 0),
+    (16, 3, 2, 5, 3, True, 12, 1, 3),
+]
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+@pytest.mark.parametrize("case", SUBLAYER_CASES, ids=lambda c: "L{}-C{}-k{}-s{}-pairs{}-shared{}-H{}-R{}-mlp{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_sublayer_couplings_match_the_reference(case, dtype, inverse):
+    """The fused sublayer (gather in the first half-step, scatter in the last) against gather,
+    the reference half-steps and scatter, differentiated by autograd; every buffer NaN-filled.
+    Pixels in no patch come through unchanged, and so does their gradient; the lean forward
+    (no rows or activations kept) and the recomputing backward give the same bits."""
+    L, C, k, sublayer, pairs, shared, hidden, n_res, n_mlp = case
+    images, row_index, masks, scales, weights, grad_out, grad_logdet = sublayer_inputs(
+        L, C, k, sublayer, pairs, hidden, n_res, n_mlp, dtype)
+    args = (images, row_index, *masks, *scales, weights, shared, inverse)
+    exact = reference_sublayer(*args, grad_out, grad_logdet, torch.float64)
+    same_dtype = reference_sublayer(*args, grad_out, grad_logdet, dtype)
+    floor = 1e-10 if dtype == torch.float64 else 1e-5
+    tols = [None if e is None else max(floor, 2 * relative_error(r, e)) for r, e in zip(same_dtype, exact)]
+    assert relative_error(exact[0], images) > 1e-2, "the sublayer should not be the identity"
+
+    out, logdet, rows, streams, hidden_buffers = sublayer_couplings_forward(*args, True, True, empty=nan_empty)
+    assert out.dtype == dtype and logdet.shape == (images.shape[0],)
+    assert relative_error(out, exact[0]) < tols[0] and relative_error(logdet, exact[1]) < tols[1]
+    covered = torch.zeros(images[0].numel(), dtype=torch.bool)
+    covered[row_index.flatten()] = True
+    assert torch.equal(out.flatten(1)[:, ~covered], images.flatten(1)[:, ~covered])
+    assert (~covered).any() == (sublayer >= 2)
+    lean_out, lean_logdet, _, _, _ = sublayer_couplings_forward(*args, False, False, empty=nan_empty)
+    assert torch.equal(lean_out, out) and torch.equal(lean_logdet, logdet)
+
+    grad_images, grad_s, grad_t, grad_weights = sublayer_couplings_backward(
+        grad_out, grad_logdet, *args, rows, streams, hidden_buffers, False, empty=nan_empty)
+    assert torch.equal(grad_images.flatten(1)[:, ~covered], grad_out.flatten(1)[:, ~covered])
+    actual = [grad_images, grad_s, grad_t, *grad_weights]
+    names = ["images", "s_scale", "t_scale", *HalfStepWeights._fields]
+    for name, got, expected, tol in zip(names, actual, exact[2:], tols[2:]):
+        if expected is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == expected.shape, name
+        assert relative_error(got, expected) < tol, name
+
+    _, _, kept_rows, _, _ = sublayer_couplings_forward(*args, True, False, empty=nan_empty)
+    recomputed = sublayer_couplings_backward(grad_out, grad_logdet, *args, kept_rows, streams[:1], hidden_buffers[:1], True,
+                                             empty=nan_empty)
+    for name, a, b in zip(names, actual, [*recomputed[:3], *recomputed[3]]):
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_sublayer_couplings_with_gpu_tiles():
+    """A GPU's block sizes: several programs share the image copies and the partial sums."""
+    images, row_index, masks, scales, weights, grad_out, grad_logdet = sublayer_inputs(16, 3, 2, 2, 2, 24, 1, 2,
+                                                                                      torch.float64, batch=4, seed=1)
+    args = (images, row_index, *masks, *scales, weights, False, False)
+    exact = reference_sublayer(*args, grad_out, grad_logdet, torch.float64)
+    # grad_logdet as a sum's gradient arrives: expanded, stride 0.
+    grad_logdet = grad_logdet[:1].expand(images.shape[0])
+    exact_expanded = reference_sublayer(*args, grad_out, grad_logdet, torch.float64)
+    with gpu_block_sizes():
+        out, logdet, rows, streams, hidden = sublayer_couplings_forward(*args, True, True, empty=nan_empty)
+        grad_images, grad_s, grad_t, grad_weights = sublayer_couplings_backward(
+            grad_out, grad_logdet, *args, rows, streams, hidden, False, empty=nan_empty)
+    assert relative_error(out, exact[0]) < 1e-10 and relative_error(logdet, exact[1]) < 1e-10
+    for got, expected in zip([grad_images, grad_s, grad_t, *grad_weights], exact_expanded[2:]):
+        assert (got is None and expected is None) or relative_error(got, expected) < 1e-10
+    with gpu_block_sizes():  # an int32 patch table reads the same pixels
+        out32, logdet32, _, _, _ = sublayer_couplings_forward(images, row_index.int(), *args[2:], False, False)
+    assert torch.equal(out32, out) and torch.equal(logdet32, logdet)
+
+
+def test_gradcheck_through_the_sublayer_function():
+    images, row_index, masks, scales, weights, _, _ = sublayer_inputs(4, 1, 2, 1, 2, 3, 1, 1, torch.float64, batch=2, seed=2)
+    for shared, inverse, recompute in ((False, False, False), (True, True, True)):
+        pairs = 1 if shared else 2
+        stacked = HalfStepWeights(*(None if w is None else w[:pairs] for w in weights))
+        inputs = [images, scales[0][:pairs], scales[1][:pairs], *(w for w in stacked if w is not None)]
+        inputs = [t.clone().requires_grad_(True) for t in inputs]
+
+        def run(images, s_scale, t_scale, *present):
+            it = iter(present)
+            full = [None if w is None else next(it) for w in stacked]
+            return triton_ops.SublayerCouplingsFunction.apply(images, row_index, *masks, s_scale, t_scale, shared, inverse,
+                                                              recompute, *full)
+
+        assert torch.autograd.gradcheck(run, inputs, fast_mode=True), (shared, inverse, recompute)
+
+
+def test_bad_sublayer_inputs_are_named():
+    images, row_index, masks, scales, weights, _, _ = sublayer_inputs(8, 1, 2, 0, 2, 8, 1, 1, torch.float64)
+    with pytest.raises(InputError, match=r"s_scale has shape \(3, 4\); expected \(pairs, D\) with pairs >= 1, even"):
+        triton_ops.sublayer_couplings(images, row_index, *masks, scales[0][:1].expand(3, 4), scales[1], weights)
+    with pytest.raises(InputError, match=r"t_scale has shape \(2, 3\), expected \(pairs, D\) = \(2, 4\)"):
+        triton_ops.sublayer_couplings(images, row_index, *masks, scales[0], scales[1][:, :3], weights)
+    with pytest.raises(InputError, match=r"weights.b_first is \(1, 1, 2, 8\); expected a tensor with a leading pair dimension of 2"):
+        triton_ops.sublayer_couplings(images, row_index, *masks, *scales, weights._replace(b_first=weights.b_first[:1]))
+    with pytest.raises(InputError, match=r"weights\[pair\].w_last has shape \(1, 2, 3, 8\)"):
+        triton_ops.sublayer_couplings(images, row_index, *masks, *scales, weights._replace(w_last=weights.w_last[:, :, :, :3]))
+    with pytest.raises(InputError, match=r"flipped_mask has shape \(5,\), expected \(D,\) = \(4,\)"):
+        triton_ops.sublayer_couplings(images, row_index, masks[0], torch.ones(5, dtype=torch.float64), *scales, weights)
+
+
 # --------------------------------------------------------------------------- whole model
 MODEL_CASES = [
     # (L, C, k, dtype)
@@ -169,16 +314,27 @@ MODEL_CASES = [
     (32, 3, 4, torch.float32),
     (64, 1, 4, torch.float32),
     (16, 1, 2, torch.float32),
+    (8, 3, 2, torch.float32),
 ]
 
 
 @pytest.mark.parametrize("L,C,k,dtype", MODEL_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_fused_model_matches_the_reference_model(L, C, k, dtype):
     """encode, decode, log-det and every parameter gradient: within 1e-10 of the reference in
-    float64; in float32 within 5e-5 of the float64 reference or twice the float32 reference's
-    own error. Measured worst in float32: 3.2e-5, a slope gradient of the top level at L = 64
-    (the float32 reference: 7.2e-6), and 1.2e-5 at L = 32; the op-level test holds float32
-    to 1e-5. The issue's 1e-5 is met per op, not yet for every model gradient."""
+    float64; in float32 within 1e-5 of the float64 reference, or twice the float32 reference's
+    own error where that is larger (the issue's bound).
+
+    Measured over all 16 of L = 8, 16, 32, 64, C = 1, 3, k = 2, 4 in this configuration
+    (bench/RESULTS.md): every tensor within the bound but at L = 64, C = 3, k = 4 (not run
+    here), an ill-conditioned model (every float32 decode 1.3e-3 off, both float32 references'
+    gradients up to 5e-5 off), where 6 gradients of the fused path are 2.0-2.1x the model
+    reference's error. Twice a float32 reference is no guarantee any float32 evaluation can
+    give: a gradient amplifies the rounding of its sublayer's input up to ~70x here, and
+    equally valid float32 evaluations round differently (the op-level reference,
+    ``reference.sublayer_couplings``, is 0.2x to 2.5x the model reference's error per tensor at
+    L = 64). Tightest here: 9.6e-6 against 1e-5, a slope gradient at L = 64, C = 1 (reference:
+    4.7e-6). Before the coupling backward took tanh's derivative from the exponential (not
+    ``1 - tanh**2``) the worst was 1.3e-5 at L = 32, C = 3 (reference: 3.7e-6) and the floor 5e-5."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     config = dict(image_size=L, channels=C, kernel_size=k, n_layers=1, hidden=6, n_res=2, n_mlp=2)
@@ -189,7 +345,7 @@ def test_fused_model_matches_the_reference_model(L, C, k, dtype):
     exact_model = rgkern.RGFlow(**config, backend="torch").double()
     exact_model.load_state_dict(reference_model.state_dict())
     reference_model, kernel_model = reference_model.to(dtype), kernel_model.to(dtype)
-    floor = 1e-10 if dtype == torch.float64 else 5e-5
+    floor = 1e-10 if dtype == torch.float64 else 1e-5
     x = torch.randn(2, C, L, L, generator=g, dtype=torch.float64).to(dtype)
 
     def results(model):
@@ -221,13 +377,75 @@ def test_fused_model_under_bf16_autocast_and_with_activation_checkpointing():
     assert mixed.dtype == torch.float32
     assert relative_error(mixed, exact) < 2e-2
 
+    many = torch.randn(64, 3, 8, 8, generator=g)
+    saved_plain, _ = saved_activation_bytes(lambda: kernel_model.log_prob(many).sum())
     kernel_model.log_prob(x).sum().backward()
     plain = [p.grad.clone() for p in kernel_model.parameters()]
     kernel_model.zero_grad(set_to_none=True)
     kernel_model.activation_checkpointing = True
+    saved_recomputed, _ = saved_activation_bytes(lambda: kernel_model.log_prob(many).sum())
     kernel_model.log_prob(x).sum().backward()
+    # With checkpointing each half-step keeps its input rows only (beside the weight-normalised
+    # weights); the backward recomputes its activations, in the same kernels, so to the bit.
+    assert saved_recomputed < saved_plain / 3, (saved_recomputed, saved_plain)
     for before, param in zip(plain, kernel_model.parameters()):
         assert torch.equal(param.grad, before)
+
+
+# --------------------------------------------------------------------------- tile tuning
+def test_tuning_is_off_under_the_interpreter_and_for_cpu_tensors():
+    assert not tuning.tuning_enabled(torch.zeros(1))
+    candidates = tuning.tile_candidates(1000, 48, 512, torch.float32)
+    assert len(candidates) == 1, "the interpreter uses one configuration"
+    with gpu_block_sizes():
+        gpu = tuning.tile_candidates(1000, 48, 512, torch.float32)
+        assert gpu == tuning.tile_candidates(7, 48, 512, torch.float32), "never dependent on the rows"
+        assert gpu[0] == tuning.tile_config(7, 48, 512, torch.float32) == tuning.GPU_TILES[torch.float32]
+        assert len(gpu) == len(tuning.TUNING_CONFIGS[torch.float32]) == 3
+        assert tuning.tile_candidates(10, 4, 6, torch.float64) == (tuning.TileConfig(16, 16, 16, 4, 3),)
+
+
+def test_timed_choice_is_kept_per_shape_and_leaves_the_results_alone(monkeypatch):
+    """What a GPU does on a model's first launches, with the interpreter standing in for it:
+    every candidate timed once per kernel and shape (its trial writing scratch buffers only, so
+    the results are those of untimed launches, also where outputs accumulate: the log-det, and
+    the weight gradients of the "authors" variant's shared pairs), the fastest kept and used
+    afterwards."""
+    torch.manual_seed(0)
+    model = rgkern.RGFlow(image_size=8, channels=1, kernel_size=2, n_layers=1, hidden=4, n_res=1, n_mlp=2,
+                          variant="authors", backend="triton")
+    random_scales(model, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logp = model.log_prob(x)
+        logp.sum().backward()
+        return [logp.detach(), model.decode(x).detach()] + [p.grad.clone() for p in model.parameters()]
+
+    times = iter([3.0, 1.0, 2.0] * 100)  # the second candidate is always the fastest
+    trials = []
+
+    def fake_bench(fn, warmup, rep):
+        trials.append(fn)
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    with gpu_block_sizes():
+        untimed = run()
+        monkeypatch.setattr(tuning, "tuning_enabled", lambda tensor: True)
+        monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+        timed = run()
+        first_trials = len(trials)
+        again = run()
+    kinds = {key[0] for key in tuning._TUNED}
+    assert kinds == {"forward", "backward", "weight_grad"}, tuning._TUNED
+    assert first_trials == 3 * len(tuning._TUNED) and len(trials) == first_trials, "each shape timed once"
+    for key, choice in tuning._TUNED.items():
+        assert choice.block_rows == 16 and choice.num_warps == 4, (key, choice)
+    for a, b, c in zip(untimed, timed, again):
+        assert relative_error(b, a) < 1e-6 and torch.equal(b, c)
 
 
 # --------------------------------------------------------------------------- work counts
@@ -250,14 +468,17 @@ def paper_structured():
 
 
 # The counts launch no kernel (count_work(run_kernels=False)): under the interpreter the
-# paper structure's 431 launches take about a minute, and the counts do not depend on values.
+# paper structure's 400 launches take about a minute, and the counts do not depend on values.
 def test_fused_training_pass_kernel_count(paper_structured):
     model, x, train = paper_structured
     work, _ = count_work(train, run_kernels=False)
-    # 34,259 with the unfused kernels; the fused-kernel issue asks for at most 3,000.
+    # 34,259 with the unfused kernels, 836 with the fused half-steps beside separate gathers and
+    # scatters; the fused-kernel issue asks for at most 3,000.
     half_steps = 2 * 2 * sum(PAPER_STRUCTURE["n_layers"])
-    assert work.triton == half_steps * 5 + 31, work.by_op.most_common(8)  # per half-step: 1 forward, 1 + 3 backward; 31 gathers and scatters
-    assert work.kernels <= 3_000, work.by_op.most_common(8)
+    assert work.triton == half_steps * 5, work.by_op.most_common(8)  # per half-step: 1 forward, 1 + 3 backward
+    # Around them, per sublayer: 3 weight norms, 2 scalings by 1/sqrt(2) and their backward, a
+    # log-det sum, a partial-sum reduction; then the prior, the loss and its mean.
+    assert work.kernels == 521, work.by_op.most_common(12)
     assert work.syncs == 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed, _ = count_work(train, run_kernels=False)
@@ -272,19 +493,59 @@ def test_fused_encode_decode_and_sample_kernel_counts(paper_structured):
         encode, (z, _) = count_work(model.encode, x, run_kernels=False)
         decode, _ = count_work(model.decode, z, run_kernels=False)
     sample, _ = count_work(model.sample, 4, generator=torch.Generator().manual_seed(0), run_kernels=False)
-    assert encode.kernels <= 1_000  # 11,169 with the unfused kernels
-    assert decode.kernels <= 1_000
-    assert sample.kernels <= decode.kernels + 64
+    # 11,169 with the unfused kernels, 247 and 240 beside separate gathers and scatters. Per
+    # sublayer: a launch per half-step, 3 weight norms, 2 scalings, a log-det sum; encode adds
+    # the sublayers' log-dets (7).
+    half_steps = 2 * 2 * sum(PAPER_STRUCTURE["n_layers"])
+    assert encode.triton == decode.triton == half_steps
+    assert encode.kernels == half_steps + 8 * 6 + 7 == 135, encode.by_op.most_common(8)
+    assert decode.kernels == half_steps + 8 * 6 == 128, decode.by_op.most_common(8)
+    assert sample.kernels == decode.kernels + 16  # drawing the latents
     assert encode.syncs == decode.syncs == sample.syncs == 0
 
 
 # --------------------------------------------------------------------------- torch.library / torch.compile
-def test_fused_forward_operator_passes_opcheck():
-    """The backward operator is exercised by the torch.compile test below; opcheck's schema,
-    fake-tensor and AOT checks reject it for an output aliasing an input that a direct call
-    does not show (left open, see bench/RESULTS.md)."""
-    x, mask, s_scale, t_scale, weights, _, _ = half_step_inputs(6, 4, 8, 1, 2, torch.float64, seed=4)
+def test_fused_operators_pass_opcheck():
+    """Schema, fake-tensor and AOT checks of both operators of the half-step and of the
+    sublayer. The backward operators copy the slope and scale gradients, slices of one
+    reduction, whatever ``_base`` says: under opcheck's schema check a slice's ``_base`` read
+    None and an output aliased another."""
+    x, mask, s_scale, t_scale, weights, grad_y, grad_logdet = half_step_inputs(6, 4, 8, 1, 2, torch.float64, seed=4)
     torch.library.opcheck(torch.ops.rgkern.coupling_half_step.default, (x, mask, s_scale, t_scale, *weights, False, True))
+    _, _, streams, hidden = coupling_half_step_forward(x, mask, s_scale, t_scale, weights)
+    torch.library.opcheck(torch.ops.rgkern.coupling_half_step_backward.default,
+                          (grad_y, grad_logdet, x, mask, s_scale, t_scale, *weights, False, streams, hidden))
+
+    images, row_index, masks, scales, weights, grad_out, grad_logdet = sublayer_inputs(8, 1, 2, 2, 2, 4, 1, 2, torch.float64,
+                                                                                       batch=2, seed=6)
+    args = (images, row_index, *masks, *scales, *weights, False, False)
+    torch.library.opcheck(torch.ops.rgkern.sublayer_couplings.default, (*args, True, True))
+    _, _, rows, streams, hidden = sublayer_couplings_forward(images, row_index, *masks, *scales, weights, False, False, True, True)
+    torch.library.opcheck(torch.ops.rgkern.sublayer_couplings_backward.default,
+                          (grad_out, grad_logdet, *args, rows, streams, hidden, False, True))
+
+
+def test_torch_compile_traces_the_fused_model():
+    """fullgraph=True through rgkern::sublayer_couplings and its backward: log_prob and its
+    gradients as in eager mode, and activation checkpointing too."""
+    torch.manual_seed(7)
+    model = rgkern.RGFlow(image_size=8, channels=1, kernel_size=2, n_layers=1, hidden=4, n_res=1, n_mlp=1,
+                          backend="triton").double()
+    random_scales(model, torch.Generator().manual_seed(7))
+    model.check_inputs = False
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    model.log_prob(x).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(model.log_prob, backend="aot_eager", fullgraph=True)
+        logp = compiled(x)
+        assert relative_error(logp, model.log_prob(x)) < 1e-12
+        logp.sum().backward()
+        for p, w in zip(model.parameters(), want):
+            assert relative_error(p.grad, w) < 1e-12
 
 
 def test_torch_compile_traces_the_fused_half_step():

@@ -6,10 +6,14 @@ calls them for ``backend="triton"``)::
     gather_patches(x, row_index)                                     -> rows (B*P, D)
     scatter_patches(x, rows, row_index)                              -> image (B, C, L, L)
     affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse) -> (y (N, D), logdet (N,))
+    coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)  -> (y (N, D), logdet (N,))
+    sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse)
+                                                                     -> (images, logdet (B,))
 
 They check their inputs (one check, one message naming the value), make them contiguous
 and call thin ``torch.autograd.Function``\\ s (:class:`GatherPatchesFunction`,
-:class:`ScatterPatchesFunction`, :class:`AffineCouplingFunction`) whose forward and
+:class:`ScatterPatchesFunction`, :class:`AffineCouplingFunction`,
+:class:`CouplingHalfStepFunction`, :class:`SublayerCouplingsFunction`) whose forward and
 backward only call the host functions in :mod:`rgkern.kernels`.
 
 torch.library: the forward and backward computations are also registered as operators in
@@ -35,6 +39,10 @@ from ..kernels.coupling_half_step import (
     activation_shapes,
     coupling_half_step_backward,
     coupling_half_step_forward,
+    pair_weights,
+    sublayer_buffer_shapes,
+    sublayer_couplings_backward,
+    sublayer_couplings_forward,
 )
 from ..kernels.gather_patches import gather_patches_backward, gather_patches_forward, gather_patches_kernel
 from ..kernels.scatter_patches import scatter_patches_backward, scatter_patches_forward
@@ -46,10 +54,12 @@ __all__ = [
     "scatter_patches",
     "affine_coupling",
     "coupling_half_step",
+    "sublayer_couplings",
     "GatherPatchesFunction",
     "ScatterPatchesFunction",
     "AffineCouplingFunction",
     "CouplingHalfStepFunction",
+    "SublayerCouplingsFunction",
     "REGISTRATION",
     "NAMESPACE",
 ]
@@ -160,8 +170,76 @@ def _coupling_half_step_backward_op(
     grad_x, grad_s, grad_t, grads = coupling_half_step_backward(
         grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden
     )
-    grads = [x.new_empty(0) if g is None else g if g._base is None else g.clone() for g in grads]
+    grads = [x.new_empty(0) if g is None else g.clone() if name.startswith("slope") else g
+             for name, g in zip(HalfStepWeights._fields, grads)]
     return (grad_x, grad_s.clone(), grad_t.clone(), *grads)
+
+
+def _sublayer_couplings_op(
+    images: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    flipped_mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    w_first: Optional[torch.Tensor],
+    b_first: Optional[torch.Tensor],
+    slope_first: Optional[torch.Tensor],
+    w_mid: Optional[torch.Tensor],
+    b_mid: Optional[torch.Tensor],
+    slope_mid: Optional[torch.Tensor],
+    w_last: torch.Tensor,
+    b_last: torch.Tensor,
+    slope_last: torch.Tensor,
+    shared: bool,
+    inverse: bool,
+    keep_rows: bool,
+    keep_activations: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weights = HalfStepWeights(w_first, b_first, slope_first, w_mid, b_mid, slope_mid, w_last, b_last, slope_last)
+    return sublayer_couplings_forward(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse,
+                                      keep_rows, keep_activations)
+
+
+def _sublayer_couplings_backward_op(
+    grad_out: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    images: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    flipped_mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    w_first: Optional[torch.Tensor],
+    b_first: Optional[torch.Tensor],
+    slope_first: Optional[torch.Tensor],
+    w_mid: Optional[torch.Tensor],
+    b_mid: Optional[torch.Tensor],
+    slope_mid: Optional[torch.Tensor],
+    w_last: torch.Tensor,
+    b_last: torch.Tensor,
+    slope_last: torch.Tensor,
+    shared: bool,
+    inverse: bool,
+    rows: torch.Tensor,
+    streams: torch.Tensor,
+    hidden: torch.Tensor,
+    recompute: bool,
+    grad_images_needed: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:
+    """The gradients of the images, the scales and the nine stacked weights (an absent one's is
+    empty); views of one reduction are copied, as in :func:`_coupling_half_step_backward_op`."""
+    weights = HalfStepWeights(w_first, b_first, slope_first, w_mid, b_mid, slope_mid, w_last, b_last, slope_last)
+    grad_images, grad_s, grad_t, grads = sublayer_couplings_backward(
+        grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse,
+        rows, streams, hidden, recompute, grad_images_needed,
+    )
+    grads = [images.new_empty(0) if g is None else g.clone() if name.startswith("slope") else g
+             for name, g in zip(HalfStepWeights._fields, grads)]
+    return (grad_images, grad_s.clone(), grad_t.clone(), *grads)
 
 
 # Shape-only versions for the opaque custom_op registration (triton_op derives its own).
@@ -215,6 +293,27 @@ def _coupling_half_step_backward_fake(grad_y, grad_logdet, x, mask, s_scale, t_s
             *(x.new_empty(0) if w is None else torch.empty_like(w) for w in weights))
 
 
+def _sublayer_couplings_fake(images, row_index, mask, flipped_mask, s_scale, t_scale, *rest):
+    *weights, shared, inverse, keep_rows, keep_activations = rest
+    weights = HalfStepWeights(*weights)
+    shapes = sublayer_buffer_shapes(images.shape[0], row_index.shape, s_scale.shape[0], weights, shared, keep_rows,
+                                    keep_activations)
+    compute = weights.w_last.dtype
+    return (
+        torch.empty_like(images),
+        images.new_empty((images.shape[0],), dtype=accumulator_dtype(images.dtype)),
+        images.new_empty(shapes[0]),
+        images.new_empty(shapes[1], dtype=compute),
+        images.new_empty(shapes[2], dtype=compute),
+    )
+
+
+def _sublayer_couplings_backward_fake(grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, *rest):
+    weights = rest[:9]
+    return (torch.empty_like(images), torch.empty_like(s_scale), torch.empty_like(t_scale),
+            *(images.new_empty(0) if w is None else torch.empty_like(w) for w in weights))
+
+
 _OPERATORS = {
     "gather_patches": (_gather_patches_op, _gather_patches_fake),
     "gather_patches_backward": (_gather_patches_backward_op, _gather_patches_backward_fake),
@@ -224,6 +323,8 @@ _OPERATORS = {
     "affine_coupling_backward": (_affine_coupling_backward_op, _affine_coupling_backward_fake),
     "coupling_half_step": (_coupling_half_step_op, _coupling_half_step_fake),
     "coupling_half_step_backward": (_coupling_half_step_backward_op, _coupling_half_step_backward_fake),
+    "sublayer_couplings": (_sublayer_couplings_op, _sublayer_couplings_fake),
+    "sublayer_couplings_backward": (_sublayer_couplings_backward_op, _sublayer_couplings_backward_fake),
 }
 
 
@@ -348,7 +449,8 @@ class CouplingHalfStepFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, grad_logdet):
         x, mask, s_scale, t_scale, streams, hidden, *weights = ctx.saved_tensors
-        args = (grad_y.contiguous(), grad_logdet.contiguous(), x, mask, s_scale, t_scale)
+        # grad_logdet is read as it is: a sum's gradient arrives expanded (stride 0).
+        args = (grad_y.contiguous(), grad_logdet, x, mask, s_scale, t_scale)
         if torch.compiler.is_compiling():
             grad_x, grad_s_scale, grad_t_scale, *grad_weights = _run(
                 "coupling_half_step_backward", *args, *weights, ctx.inverse, streams, hidden
@@ -359,6 +461,56 @@ class CouplingHalfStepFunction(torch.autograd.Function):
             )
         grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]
         return (grad_x, None, grad_s_scale, grad_t_scale, None, *grad_weights)
+
+
+class SublayerCouplingsFunction(torch.autograd.Function):
+    """(images, logdet) = every coupling half-step of a sublayer on whole images
+    (:func:`rgkern.kernels.coupling_half_step.sublayer_couplings_forward`: the patch gather and
+    scatter fused into the first and last half-steps).
+
+    ``apply(images, row_index, mask, flipped_mask, s_scale, t_scale, shared, inverse,
+    recompute, *weights)`` with the nine entries of a :class:`HalfStepWeights` of stacked
+    tensors (None where absent); inputs contiguous and validated by the caller. The forward
+    keeps every half-step's input rows when some input needs a gradient, and their activations
+    unless ``recompute`` (then the backward recomputes them, half-step by half-step).
+    Gradients flow to the images, the scales and every weight. Operators
+    ``rgkern::sublayer_couplings`` and ``rgkern::sublayer_couplings_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, images, row_index, mask, flipped_mask, s_scale, t_scale, shared, inverse, recompute, *weights):
+        needs = any(ctx.needs_input_grad)
+        ctx.flags = (bool(shared), bool(inverse), bool(recompute))
+        out, logdet, rows, streams, hidden = _run(
+            "sublayer_couplings", images, row_index, mask, flipped_mask, s_scale, t_scale, *weights, bool(shared),
+            bool(inverse), needs, needs and not recompute,
+        )
+        ctx.absent = [w is None for w in weights]
+        if needs:
+            if recompute:  # the forward's reused slots: the backward recomputes every half-step's
+                streams = hidden = rows.new_empty((0,))
+            ctx.save_for_backward(images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden, *weights)
+        return out, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_logdet):
+        images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden, *weights = ctx.saved_tensors
+        shared, inverse, recompute = ctx.flags
+        need_images = ctx.needs_input_grad[0]
+        args = (grad_out.contiguous(), grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale)
+        if torch.compiler.is_compiling():
+            grad_images, grad_s_scale, grad_t_scale, *grad_weights = _run(
+                "sublayer_couplings_backward", *args, *weights, shared, inverse, rows, streams, hidden, recompute,
+                need_images,
+            )
+        else:
+            grad_images, grad_s_scale, grad_t_scale, grad_weights = sublayer_couplings_backward(
+                *args, HalfStepWeights(*weights), shared, inverse, rows, streams, hidden, recompute, need_images
+            )
+        grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]
+        return (grad_images if need_images else None, None, None, None, grad_s_scale, grad_t_scale, None, None, None,
+                *grad_weights)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -529,14 +681,23 @@ def coupling_half_step(
             raise InputError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({dim},)")
     if mask.requires_grad:
         raise InputError("mask requires grad, but the coupling mask is a constant; pass mask.detach()")
+    _check_half_step_weights(x, dim, weights)
+    return CouplingHalfStepFunction.apply(
+        x.contiguous(), mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(), bool(inverse),
+        *(None if t is None else t.contiguous() for t in weights),
+    )
+
+
+def _check_half_step_weights(x: torch.Tensor, dim: int, weights: HalfStepWeights, what: str = "weights") -> None:
+    """One half-step's weights for rows of width ``dim`` like ``x`` (dtypes, devices, shapes)."""
     if not isinstance(weights, HalfStepWeights):
-        raise InputTypeError(f"weights must be a HalfStepWeights, got {type(weights).__name__}")
+        raise InputTypeError(f"{what} must be a HalfStepWeights, got {type(weights).__name__}")
     compute = weights.w_last.dtype
     if compute not in FLOAT_DTYPES or compute.itemsize > x.dtype.itemsize:
         raise InputTypeError(f"the weights have dtype {compute}; expected x's dtype {x.dtype} or a narrower float")
     vector_dtype = weights.b_last.dtype
     if vector_dtype not in (compute, x.dtype):
-        raise InputTypeError(f"weights.b_last has dtype {vector_dtype}; expected the weights' {compute} or x's {x.dtype}")
+        raise InputTypeError(f"{what}.b_last has dtype {vector_dtype}; expected the weights' {compute} or x's {x.dtype}")
     n_res, hidden, n_mid = weights.n_res, weights.hidden, weights.n_mid
     last_in = hidden if weights.w_first is not None else dim
     expected = {
@@ -551,14 +712,73 @@ def coupling_half_step(
         value = getattr(weights, name)
         if name not in expected:
             if value is not None:
-                raise InputError(f"weights.{name} must be None for this layout (w_first and w_mid present or absent with it)")
+                raise InputError(f"{what}.{name} must be None for this layout (w_first and w_mid present or absent with it)")
             continue
         wanted = compute if name.startswith("w_") else vector_dtype
-        _check_tensor(f"weights.{name}", value, (wanted,), f"dtype {wanted}, as the other {'weights' if name.startswith('w_') else 'biases and slopes'}")
-        _check_same("x", x, f"weights.{name}", value, dtype=False)
+        _check_tensor(f"{what}.{name}", value, (wanted,), f"dtype {wanted}, as the other {'weights' if name.startswith('w_') else 'biases and slopes'}")
+        _check_same("x", x, f"{what}.{name}", value, dtype=False)
         if tuple(value.shape) != expected[name]:
-            raise InputError(f"weights.{name} has shape {tuple(value.shape)}, expected {expected[name]}")
-    return CouplingHalfStepFunction.apply(
-        x.contiguous(), mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(), bool(inverse),
-        *(None if t is None else t.contiguous() for t in weights),
+            raise InputError(f"{what}.{name} has shape {tuple(value.shape)}, expected {expected[name]}")
+
+
+def sublayer_couplings(
+    images: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    flipped_mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    weights: HalfStepWeights,
+    shared: bool = False,
+    inverse: bool = False,
+    recompute: bool = False,
+):
+    """Kernel version of :func:`rgkern.core.reference.sublayer_couplings`: a sublayer's coupling
+    half-steps on whole images, one fused launch each forward (the first gathers the patches,
+    the last scatters them back).
+
+    Args:
+        images: ``(B, C, L, L)``; row_index: ``(P, D)`` patches that do not overlap (a
+            sublayer's table, :meth:`rgkern.Geometry.row_index`); mask, flipped_mask: ``(D,)``;
+            s_scale, t_scale: ``(pairs, D)``; weights: a :class:`HalfStepWeights` whose tensors
+            carry a leading pair dimension; one device.
+        shared: both half-steps of a block use one pair of networks (variant "authors");
+            else half-step ``j`` uses pair ``j`` (``pairs`` even).
+        inverse: run the half-steps in reverse, each inverted.
+        recompute: keep no activations for the backward; recompute them there (activation
+            checkpointing, half-step by half-step).
+    Returns:
+        the new images and the per-image log-det ``(B,)``, float64 for float64 images, else
+        float32. Differentiable wrt the images, the scales and the weights (not the masks).
+    """
+    images = _check_image("images", images)
+    row_index = _check_row_index(row_index, images)
+    dim = row_index.shape[1]
+    for name, value in {"mask": mask, "flipped_mask": flipped_mask}.items():
+        _check_tensor(name, value, FLOAT_DTYPES, "floating point")
+        _check_same("images", images, name, value, dtype=False)
+        if tuple(value.shape) != (dim,):
+            raise InputError(f"{name} has shape {tuple(value.shape)}, expected (D,) = ({dim},)")
+        if value.requires_grad:
+            raise InputError(f"{name} requires grad, but the coupling mask is a constant; pass {name}.detach()")
+    _check_tensor("s_scale", s_scale, FLOAT_DTYPES, "floating point")
+    pairs = s_scale.shape[0] if s_scale.dim() == 2 else 0
+    if pairs < 1 or (not shared and pairs % 2):
+        raise InputError(f"s_scale has shape {tuple(s_scale.shape)}; expected (pairs, D) with pairs >= 1"
+                         + ("" if shared else ", even (two half-steps per block, a pair each)"))
+    for name, value in {"s_scale": s_scale, "t_scale": t_scale}.items():
+        _check_tensor(name, value, FLOAT_DTYPES, "floating point")
+        _check_same("images", images, name, value, dtype=False)
+        if tuple(value.shape) != (pairs, dim):
+            raise InputError(f"{name} has shape {tuple(value.shape)}, expected (pairs, D) = ({pairs}, {dim})")
+    if not isinstance(weights, HalfStepWeights):
+        raise InputTypeError(f"weights must be a HalfStepWeights, got {type(weights).__name__}")
+    for name, value in zip(HalfStepWeights._fields, weights):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != pairs):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"weights.{name} is {got}; expected a tensor with a leading pair dimension of {pairs}")
+    _check_half_step_weights(images, dim, pair_weights(weights, 0), "weights[pair]")
+    return SublayerCouplingsFunction.apply(
+        images, row_index, mask.contiguous(), flipped_mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(),
+        bool(shared), bool(inverse), bool(recompute), *(None if t is None else t.contiguous() for t in weights),
     )

@@ -177,35 +177,41 @@ class CouplingNetworks(nn.Module):
             biases.append(b.unbind(0))
             slopes.append(slope.unbind(0))
         if fused:
+            stacked = self._stacked(weights, biases, slopes)
             return PreparedNetworks(None, None, None, self.s_scale.unbind(0), self.t_scale.unbind(0), cast,
-                                    self._half_steps(weights, biases, slopes))
+                                    self._half_steps(stacked), stacked)
         residual_scales = None
         if self.n_res > 1:  # the last block's residual, scaled like its linear
             residual_scales = (scales * SQRT_HALF).index_select(-1, order).unsqueeze(-2)
             residual_scales = (residual_scales if cast is None else residual_scales.to(cast)).unbind(0)
         return PreparedNetworks(weights, biases, slopes, None, None, cast, residual_scales=residual_scales)
 
-    def _half_steps(self, weights, biases, slopes) -> tuple:
-        """Per pair, the :class:`HalfStepWeights` of stacked ``(P, R, 2, ...)`` tensors per linear."""
+    def _stacked(self, weights, biases, slopes):
+        """One :class:`HalfStepWeights` of all pairs, each tensor with a leading pair dimension
+        (:func:`rgkern.kernels.coupling_half_step.sublayer_couplings_forward`'s layout)."""
         from ..kernels.coupling_half_step import HalfStepWeights
 
-        def per_pair(tensors):
-            """(first, mid, last) per pair: mid linears stacked on a new leading dimension."""
-            first = tensors[0].unbind(0) if len(tensors) > 1 else (None,) * self.pairs
+        def kinds(tensors):
+            """(first, mid, last): the mid linears stacked on a new dimension after the pair."""
+            if len(tensors) == 1:
+                return None, None, tensors[0]
             mids = tensors[1:-1]
-            if not mids:
-                mid = (None,) * self.pairs
-            else:
-                mid = (torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)).unbind(0)
-            return first, mid, tensors[-1].unbind(0)
+            mid = None if not mids else torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)
+            return tensors[0], mid, tensors[-1]
 
         (w_first, w_mid, w_last), (b_first, b_mid, b_last), (s_first, s_mid, s_last) = (
-            per_pair(weights), per_pair(biases), per_pair(slopes)
+            kinds(weights), kinds(biases), kinds(slopes)
         )
-        return tuple(
-            HalfStepWeights(w_first[p], b_first[p], s_first[p], w_mid[p], b_mid[p], s_mid[p], w_last[p], b_last[p], s_last[p])
-            for p in range(self.pairs)
-        )
+        return HalfStepWeights(w_first, b_first, s_first, w_mid, b_mid, s_mid, w_last, b_last, s_last)
+
+    def _half_steps(self, stacked) -> tuple:
+        """Per pair, the :class:`HalfStepWeights` of its slices of the ``stacked`` tensors (one
+        unbind per tensor: its backward is one stack, where indexing per pair would give one
+        full-size select_backward per use)."""
+        from ..kernels.coupling_half_step import HalfStepWeights
+
+        per_tensor = [(None,) * self.pairs if t is None else t.unbind(0) for t in stacked]
+        return tuple(HalfStepWeights(*(tensors[p] for tensors in per_tensor)) for p in range(self.pairs))
 
     def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks", flipped: bool) -> torch.Tensor:
         """``s_raw`` and ``t_raw`` stacked ``(2, N, D/2)`` of half-step ``pair``, times their
@@ -262,10 +268,11 @@ class PreparedNetworks(NamedTuple):
     pair * n_res + block``, every ``D``-wide axis in the checkerboard order, the last linears
     carrying the residual's 1/sqrt(2) and, on each pair's last block, the coupling's s and t
     scales; ``residual_scales[pair]`` ``(2, 1, D)``: those scales times 1/sqrt(2), for the last
-    block's residual (None with one block). The fused path: ``half_steps[pair]`` holds the
-    pair's :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights` (row order, the last
-    linears carrying 1/sqrt(2)) and ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)`` the scales.
-    Fields of the other path are None.
+    block's residual (None with one block). The fused path (row order, the last linears
+    carrying 1/sqrt(2)): ``half_steps[pair]`` holds the pair's
+    :class:`~rgkern.kernels.coupling_half_step.HalfStepWeights`, ``stacked`` one of all pairs
+    (a leading pair dimension; :meth:`Sublayer.forward_fused`) and ``s_scales[pair]``,
+    ``t_scales[pair]`` ``(D,)`` the scales. Fields of the other path are None.
     """
 
     weights: list | None
@@ -275,6 +282,7 @@ class PreparedNetworks(NamedTuple):
     t_scales: tuple | None
     dtype: torch.dtype | None
     half_steps: tuple | None = None
+    stacked: object = None
     residual_scales: tuple | None = None
 
 
@@ -369,12 +377,28 @@ class Sublayer(nn.Module):
         return rows.index_select(1, self.geometry.checkerboard_order(rows.device, inverse=True)), logdet
 
     def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
+        if backend == "triton" and self.num_blocks > 0:
+            return self.forward_fused(x, inverse)
         # The torch path gathers the rows straight into its checkerboard order.
         index = self.geometry.row_index if backend == "triton" else self.geometry.checkerboard_row_index
         row_index = index(self.index, x.device)
         rows = ops.gather_patches(x, row_index, backend)
         rows, logdet = self._blocks(rows, inverse, backend)
         return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
+
+    def forward_fused(self, x: torch.Tensor, inverse: bool = False):
+        """:meth:`forward` with the Triton kernels on whole images: ``2 * n_layers`` launches,
+        the first half-step gathering the patches, the last scattering them back (pixels no
+        patch covers come through), the log-det summed in the kernels
+        (:func:`rgkern.core.ops.sublayer_couplings`). With activation checkpointing the
+        backward recomputes each half-step's activations instead of keeping them."""
+        geometry, networks = self.geometry, self.networks
+        prepared = networks.prepared(x.device, fused=True)
+        masks = [geometry.coupling_mask(x.device, x.dtype, flipped=flipped) for flipped in (False, True)]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse
+        return ops.sublayer_couplings(x, geometry.row_index(self.index, x.device), *masks, networks.s_scale,
+                                      networks.t_scale, prepared.stacked, self.networks_per_block == 1, inverse,
+                                      recompute, backend="triton")
 
 
 def _per_level(name: str, value, num_levels: int) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ __all__ = [
     "scatter_patches",
     "affine_coupling",
     "coupling_half_step",
+    "sublayer_couplings",
 ]
 
 
@@ -80,3 +81,12 @@ def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse=False, backen
     if backend == "triton":
         return _kernels().coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
     return reference.coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
+
+
+def sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared=False, inverse=False,
+                       recompute=False, backend="torch"):
+    if backend == "triton":
+        return _kernels().sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
+                                             inverse, recompute)
+    return reference.sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
+                                        inverse, recompute)

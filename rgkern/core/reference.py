@@ -10,7 +10,7 @@ import torch
 
 from .precision import accumulator_dtype
 
-__all__ = ["gather_patches", "scatter_patches", "affine_coupling", "affine_update", "coupling_half_step"]
+__all__ = ["gather_patches", "scatter_patches", "affine_coupling", "affine_update", "coupling_half_step", "sublayer_couplings"]
 
 
 def gather_patches(x: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
@@ -129,3 +129,38 @@ def coupling_half_step(
             r = r * (2 ** -0.5) + h
         raw.append(r)
     return affine_coupling(x, raw[0], raw[1], s_scale, t_scale, mask, inverse)
+
+
+def sublayer_couplings(
+    images: torch.Tensor,
+    row_index: torch.Tensor,
+    mask: torch.Tensor,
+    flipped_mask: torch.Tensor,
+    s_scale: torch.Tensor,
+    t_scale: torch.Tensor,
+    weights,
+    shared: bool = False,
+    inverse: bool = False,
+    recompute: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every coupling half-step of a sublayer on whole images: gather, the half-steps, scatter.
+
+    Half-step ``2 * block + flipped`` (mask ``flipped_mask`` when flipped) uses pair ``block``
+    of the networks when ``shared``, else pair ``2 * block + flipped``; ``s_scale``, ``t_scale``
+    ``(pairs, D)`` and the nine ``weights`` (the layout of :func:`coupling_half_step`) carry a
+    leading pair dimension. Blocks in order, or in reverse with each half-step inverted.
+    ``recompute`` (activation checkpointing in the kernel path) changes nothing here. Returns
+    the new images and the per-image log-det ``(B,)``.
+    """
+    rows = gather_patches(images, row_index)
+    pairs = s_scale.shape[0]
+    blocks = range(pairs if shared else pairs // 2)
+    logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
+    for block in reversed(blocks) if inverse else blocks:
+        for flipped in (1, 0) if inverse else (0, 1):
+            pair = block if shared else 2 * block + flipped
+            pair_weights = tuple(None if w is None else w[pair] for w in weights)
+            rows, ld = coupling_half_step(rows, flipped_mask if flipped else mask, s_scale[pair], t_scale[pair],
+                                          pair_weights, inverse)
+            logdet = logdet + ld
+    return scatter_patches(images, rows, row_index), logdet.view(images.shape[0], -1).sum(dim=1)
