@@ -743,6 +743,30 @@ class _Patches(NamedTuple):
     image_numel: int
 
 
+def _half_step_constants(dim: int, weights: HalfStepWeights, inverse: bool, gather: bool, scatter: bool, copy: bool,
+                         acc: torch.dtype, compute: torch.dtype, tiles: "TileConfig") -> dict:
+    """The compile-time arguments the forward and backward half-step kernels share, and the launch options."""
+    return dict(
+        DIM=dim,
+        HIDDEN=weights.hidden,
+        HAS_HIDDEN=weights.n_mlp > 0,
+        INVERSE=bool(inverse),
+        GATHER=gather,
+        SCATTER=scatter,
+        COPY=copy,
+        ACC_FP64=acc == torch.float64,
+        DOT_TF32=_dot_tf32(compute),
+        DOT_UPCAST=_dot_upcast(compute),
+        SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
+        BLOCK_ROWS=tiles.block_rows,
+        BLOCK_D=tiles.block_d,
+        BLOCK_H=tiles.block_h,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        maxnreg=MAX_REGISTERS,
+    )
+
+
 def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool, streams, hidden, y, logdet,
                     patches: Optional[_Patches] = None, gather=False, scatter=False, accumulate=False, copy_to=None):
     """:func:`coupling_half_step_fwd_kernel` on ``n_rows = logdet.numel()`` > 0 rows, tiles by :func:`choose_tiles`.
@@ -766,24 +790,8 @@ def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse
             w.w_last, w.b_last, w.slope_last,
             streams, hidden, y, logdet, row_index, x if copy_to is None else copy_to,
             n_rows, weights.n_res, weights.n_mid, streams.shape[0], hidden.shape[0], num_patches, image_numel,
-            DIM=dim,
-            HIDDEN=weights.hidden,
-            HAS_HIDDEN=weights.n_mlp > 0,
-            INVERSE=bool(inverse),
-            GATHER=gather,
-            SCATTER=scatter,
             ACCUMULATE=accumulate,
-            COPY=copy_to is not None,
-            ACC_FP64=acc == torch.float64,
-            DOT_TF32=_dot_tf32(compute),
-            DOT_UPCAST=_dot_upcast(compute),
-            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
-            BLOCK_ROWS=tiles.block_rows,
-            BLOCK_D=tiles.block_d,
-            BLOCK_H=tiles.block_h,
-            num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
-            maxnreg=MAX_REGISTERS,
+            **_half_step_constants(dim, weights, inverse, gather, scatter, copy_to is not None, acc, compute, tiles),
         )
 
     def trial(tiles):
@@ -909,23 +917,7 @@ def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Ha
             streams, hidden, grad_streams, grad_hidden, grad_x, partial, row_index, grad_y if copy_to is None else copy_to,
             n_rows, weights.n_res, weights.n_mid, partial.stride(0), *partial_offsets,
             num_patches, image_numel, grad_logdet.stride(0),
-            DIM=dim,
-            HIDDEN=weights.hidden,
-            HAS_HIDDEN=weights.n_mlp > 0,
-            INVERSE=bool(inverse),
-            GATHER=gather,
-            SCATTER=scatter,
-            COPY=copy_to is not None,
-            ACC_FP64=acc == torch.float64,
-            DOT_TF32=_dot_tf32(compute),
-            DOT_UPCAST=_dot_upcast(compute),
-            SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
-            BLOCK_ROWS=tiles.block_rows,
-            BLOCK_D=tiles.block_d,
-            BLOCK_H=tiles.block_h,
-            num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
-            maxnreg=MAX_REGISTERS,
+            **_half_step_constants(dim, weights, inverse, gather, scatter, copy_to is not None, acc, compute, tiles),
         )
 
     _launch_with(launch, tiles, candidates)
