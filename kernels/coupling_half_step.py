@@ -311,7 +311,7 @@ def coupling_half_step_fwd_kernel(
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
     if COPY:
-        _copy_share(x_ptr, copy_ptr, (n_rows // num_patches).to(tl.int64) * image_numel, BLOCK_ROWS * BLOCK_D)
+        _copy_share(x_ptr, copy_ptr, tl.cast(n_rows // num_patches, tl.int64) * image_numel, BLOCK_ROWS * BLOCK_D)
 
     # r_0 = x * mask, for both networks.
     for d0 in range(0, DIM, BLOCK_D):
@@ -414,7 +414,7 @@ def coupling_half_step_bwd_kernel(
     n_mlp = n_mid + 1
     partial = partial_ptr + pid.to(tl.int64) * partial_stride
     if COPY:
-        _copy_share(grad_y_ptr, copy_ptr, (n_rows // num_patches).to(tl.int64) * image_numel, BLOCK_ROWS * BLOCK_D)
+        _copy_share(grad_y_ptr, copy_ptr, tl.cast(n_rows // num_patches, tl.int64) * image_numel, BLOCK_ROWS * BLOCK_D)
 
     # The coupling: gradients of s_raw and t_raw (into the last stream slot), the direct
     # part of grad_x, the scale-gradient partial sums.
@@ -606,16 +606,20 @@ class TileConfig(NamedTuple):
 
 #: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
 #: by compute dtype; the first is the default, used wherever nothing is timed. Rows per program
-#: 16 / 32 / 64 (more programs for the few rows of the top levels and small batches; more rows
-#: sharing each weight tile for large ones), 4 or 8 warps, 2 or 3 stages; tiles 64 wide over D
-#: and H, narrowed to the widths (``tl.dot`` needs every tile dimension >= 16). The defaults
-#: (32 rows, float32 with 8 warps) came from a sweep of register use on one half-step (D = 48,
-#: H = 70); none of these is timed (no GPU was available). Every configuration compiles without
-#: spills for sm_80 and sm_90 in float32 and bfloat16 (``scripts/compile_kernels.py``).
+#: 32 or 16 (more programs for the few rows of the top levels and small batches); tiles 64 wide
+#: over D and H, narrowed to the widths (``tl.dot`` needs every tile dimension >= 16). The
+#: defaults came from a sweep of register use on one half-step (D = 48, H = 70); none of these
+#: is timed (no GPU was available). Registers and spills per configuration, Triton 3.6 and 3.9,
+#: sm_80 and sm_90: bench/RESULTS.md.
 TUNING_CONFIGS = {
-    torch.float32: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
-    torch.bfloat16: (TileConfig(32, 64, 64, 4, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
-    torch.float16: (TileConfig(32, 64, 64, 4, 3), TileConfig(16, 64, 64, 4, 3), TileConfig(64, 64, 64, 8, 2)),
+    # Rows per program, tiles over D and H, warps, stages. 32 rows on 4 warps spilled 4-20 B in
+    # bfloat16 under Triton 3.6 (sm_80, sm_90) once the first half-step gathered from the image,
+    # so bfloat16 takes 8 warps as float32 does; 64 rows on 8 warps (2 stages) spilled 40-880 B
+    # on sm_80 under 3.6 and 3.9 with 64-wide hidden tiles (scripts/compile_kernels.py,
+    # bench/RESULTS.md), so the set has no 64-row configuration.
+    torch.float32: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3)),
+    torch.bfloat16: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3)),
+    torch.float16: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3)),
     # float64 multiplies by broadcast-and-sum (for the exactness tests, not for speed): one config.
     torch.float64: (TileConfig(16, 16, 16, 4, 3),),
 }

@@ -166,6 +166,27 @@ def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
     assert float64 and max(r.registers for r in float64) < 255
 
 
+
+def test_fused_kernels_compile_with_one_row_per_image():
+    """Batch 1 at a top-level sublayer of one patch: the row count and the patches per image
+    are both 1, which Triton specialises to constants, so their quotient is a Python int and
+    not a tensor (``.to()`` on it failed to compile; the interpreter ran it). The first
+    half-step copies the image there (COPY), the last half-step's backward copies its gradient."""
+    model = tiny_model(8, 3, 4, dtype=torch.float32, backend="triton", n_mlp=2, hidden=24)
+    x = random_images(model, batch=1)
+    with record_launches() as launches, gpu_block_sizes():
+        model.log_prob(x).sum().backward()
+    copying = {}
+    for launch in launches:
+        if (launch.name.startswith(FUSED[0]) and constants(launch).get("COPY")
+                and tile_setting(launch) == tile_settings(torch.float32, launch.name)[0]):
+            ints = [a for a in launch.args if isinstance(a, int) and not isinstance(a, bool)]
+            copying.setdefault((launch.name, ints.count(1) >= 2), launch)
+    assert {name for name, _ in copying} == {"coupling_half_step_fwd_kernel", "coupling_half_step_bwd_kernel"}
+    assert any(ones for _, ones in copying), "no launch with one row of one patch was recorded"
+    results = aot.compile_launches(list(copying.values()), aot.ARCHITECTURES)
+    assert [r.error for r in results if not r.ok] == []
+
 @triton.jit
 def dtype_changing_loop_kernel(out_ptr, STEPS: tl.constexpr):
     total = 0  # an int32 ...
