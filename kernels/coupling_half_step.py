@@ -607,19 +607,18 @@ class TileConfig(NamedTuple):
 #: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
 #: by compute dtype; the first is the default, used wherever nothing is timed. Rows per program
 #: 32 or 16 (more programs for the few rows of the top levels and small batches); tiles 64 wide
-#: over D and H, narrowed to the widths (``tl.dot`` needs every tile dimension >= 16). The
-#: defaults came from a sweep of register use on one half-step (D = 48, H = 70); none of these
-#: is timed (no GPU was available). Registers and spills per configuration, Triton 3.6 and 3.9,
-#: sm_80 and sm_90: bench/RESULTS.md.
+#: over D and H (32 over H in bfloat16 and float16), narrowed to the widths (``tl.dot`` needs
+#: every tile dimension >= 16). The defaults came from a sweep of register use on one half-step
+#: (D = 48, H = 70) and from the compiles; none of these is timed (no GPU was available).
 TUNING_CONFIGS = {
-    # Rows per program, tiles over D and H, warps, stages. 32 rows on 4 warps spilled 4-20 B in
-    # bfloat16 under Triton 3.6 (sm_80, sm_90) once the first half-step gathered from the image,
-    # so bfloat16 takes 8 warps as float32 does; 64 rows on 8 warps (2 stages) spilled 40-880 B
-    # on sm_80 under 3.6 and 3.9 with 64-wide hidden tiles (scripts/compile_kernels.py,
-    # bench/RESULTS.md), so the set has no 64-row configuration.
+    # Rows per program, tiles over D and H, warps, stages. Compiled for sm_80 and sm_90 under
+    # Triton 3.6 and 3.9 (bench/RESULTS.md): 32 rows on 4 warps spilled in bfloat16 under 3.6
+    # once the first half-step gathered from the image, so bfloat16 takes 8 warps as float32
+    # does; bfloat16 with 64-wide hidden tiles spilled up to 24 B under 3.6, 32-wide ones none;
+    # 64 rows on 8 warps spilled 40-880 B on sm_80 under both, so the set has no 64-row one.
     torch.float32: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3)),
-    torch.bfloat16: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3)),
-    torch.float16: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 4, 3)),
+    torch.bfloat16: (TileConfig(32, 64, 32, 8, 3), TileConfig(16, 64, 32, 4, 3)),
+    torch.float16: (TileConfig(32, 64, 32, 8, 3), TileConfig(16, 64, 32, 4, 3)),
     # float64 multiplies by broadcast-and-sum (for the exactness tests, not for speed): one config.
     torch.float64: (TileConfig(16, 16, 16, 4, 3),),
 }
