@@ -169,3 +169,63 @@ def test_shards_are_distributed_sampler_batches():
     assert dist_utils.check_global_batch_size(12, 3) == 4
     with pytest.raises(ValueError, match="global batch size 12 is not divisible by the number of processes 5"):
         dist_utils.check_global_batch_size(12, 5)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone (torch.distributed, in memory)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_shutdown_waits_until_the_backend_lets_go_of_the_tensors(one_process_group, monkeypatch):
+    """The process group ends only once no backend thread references a tensor of our collectives.
+
+    A thread that drops such a reference takes the GIL; a gloo worker that does it while the
+    interpreter shuts down aborts the process. The DDP run met that about one time in ten, on
+    rank 1, which exits right after the final broadcast of the history. Here a stand-in
+    backend keeps a C++ reference to each tensor (an autograd node saving it) and drops it
+    from another thread 50 ms after shutdown begins.
+    """
+    import threading
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    released, shutting_down = [], threading.Event()
+    for name in ("broadcast", "all_reduce"):
+        original = getattr(distributed_c10d, name)
+
+        def backend(tensor, *args, _original=original, **kwargs):
+            result = _original(tensor, *args, **kwargs)
+            holder = [tensor * torch.ones((), requires_grad=True)]  # the product's grad_fn saves `tensor`
+            assert tensor._use_count() > 1
+
+            def let_go():
+                shutting_down.wait()
+                time.sleep(0.05)
+                holder.clear()
+                released.append(tensor._use_count() == 1)
+
+            threading.Thread(target=let_go, daemon=True).start()
+            return result
+
+        monkeypatch.setattr(dist, name, backend)
+    # The one-process group stands in for the two ranks the context claims: rank 0 is the source.
+    context = DistributedContext(world_size=2, rank=0, local_rank=0, local_world_size=2)
+    history = [{"step": 4, "test_bpd": 9.49}]
+    assert dist_utils.broadcast_object(history, context) == history
+    mean = dist_utils.all_reduce_mean(torch.tensor([3.0, 5.0]), context)
+    torch.testing.assert_close(mean, torch.tensor([1.5, 2.5]))  # one process's sum over the two claimed
+    assert released == []
+    shutting_down.set()
+    dist_utils.shutdown_distributed()
+    assert not dist.is_initialized()
+    assert released == [True, True, True]  # size and payload of the broadcast, the all-reduce

@@ -25,6 +25,9 @@ How a run is split (:class:`rgkern.tools.train.Trainer` does this):
 from __future__ import annotations
 
 import os
+import pickle
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -180,10 +183,11 @@ def init_distributed(device=None) -> tuple[DistributedContext, torch.device, boo
 
 
 def shutdown_distributed() -> None:
-    """End the process group if one is running."""
+    """End the process group if one is running, once its threads hold none of our tensors."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        _wait_until_backend_lets_go()
         dist.destroy_process_group()
 
 
@@ -216,15 +220,54 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
+def _backend_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the current GPU for nccl, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# The tensors of this module's latest collectives. A process must not exit while a backend
+# thread still references one of them: torch ties a tensor's Python object to every extra
+# C++ reference, so the thread that drops such a reference takes the GIL, and a gloo worker
+# that tries while the interpreter shuts down aborts the process ("terminate called without
+# an active exception"). Rank 1 exits right after the final broadcast of the history and met
+# that race about one run in ten; :func:`shutdown_distributed` waits for the release.
+_HANDED_TO_BACKEND: deque = deque(maxlen=4)
+
+
+def _collective(operation, tensor: torch.Tensor, **kwargs) -> None:
+    _HANDED_TO_BACKEND.append(tensor)
+    operation(tensor, **kwargs)
+
+
+def _wait_until_backend_lets_go(timeout: float = 10.0) -> None:
+    """Sleep (the GIL released) until no backend thread references a tensor of :data:`_HANDED_TO_BACKEND`."""
+    deadline = time.monotonic() + timeout
+    while any(tensor._use_count() > 1 for tensor in _HANDED_TO_BACKEND) and time.monotonic() < deadline:
+        time.sleep(1e-3)
+    _HANDED_TO_BACKEND.clear()
+
+
 def broadcast_object(value, context: DistributedContext, source: int = 0):
     """``value`` of rank ``source`` on every process (picklable objects)."""
     if not context.enabled:
         return value
     import torch.distributed as dist
 
-    box = [value if context.rank == source else None]
-    dist.broadcast_object_list(box, src=source)
-    return box[0]
+    device = _backend_device()
+    if context.rank == source:
+        payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(device)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    else:
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+    _collective(dist.broadcast, size, src=source)
+    if context.rank != source:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    _collective(dist.broadcast, payload, src=source)
+    if context.rank == source:
+        return value
+    return pickle.loads(payload.cpu().numpy().tobytes())
 
 
 def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
@@ -234,5 +277,5 @@ def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.
     import torch.distributed as dist
 
     total = tensor.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    _collective(dist.all_reduce, total, op=dist.ReduceOp.SUM)
     return total / context.world_size
