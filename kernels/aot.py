@@ -19,7 +19,9 @@ CPU tests cannot tell whether the kernels compile for a GPU. This module closes 
 :func:`compile_launches` does 2 and 3 for a list of launches. Under ``TRITON_INTERPRET`` it
 runs them in a child Python without the interpreter (``python -m rgkern.kernels.aot``):
 there the kernels are real ``JITFunction``\\ s, and the interpreter's patches of
-``triton.language`` (it leaves some in place after a run) cannot reach the compiler.
+``triton.language`` (it leaves some in place after a run) cannot reach the compiler. With
+``jobs=n``, n such children share the work. :func:`save_launches` and :func:`load_launches`
+keep a recording in a file, so that one recording is compiled under each Triton.
 
 Works with Triton 3.6 and 3.9. :func:`specialise` uses two private pieces of the JIT
 (``create_function_from_signature`` and ``JITFunction._pack_args``), the same in both, so that
@@ -29,6 +31,7 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import itertools
 import json
 import os
 import re
@@ -272,60 +275,87 @@ def _launch_to_json(launch: Launch) -> dict:
 
 def _launch_from_json(entry: dict) -> Launch:
     kernel = getattr(importlib.import_module(entry["module"]), entry["name"], None)
-    if not hasattr(kernel, "params"):
+    if not (hasattr(kernel, "params") or type(kernel).__name__ == "InterpretedFunction"):
         raise TypeError(f"{entry['module']}.{entry['name']} is not a @triton.jit kernel: the compiler process imports "
                         "each kernel by the name of its function, at the top level of its module")
     return Launch(kernel, tuple(_decode(v) for v in entry["args"]), tuple((k, _decode(v)) for k, v in entry["kwargs"]))
 
 
-def _compile_here(launches, architectures, progress) -> list[CompileResult]:
+def _compile_here(launches, architectures, progress, share: tuple[int, int] = (0, 1)) -> list[CompileResult]:
+    """Compile the distinct specialisations in first-launch order; ``share`` ``(i, n)``: only
+    every n-th from the i-th (one of n processes working together)."""
     specs = {}
     for arch in architectures:
         for launch in launches:
             spec = specialise(launch, arch)
             specs.setdefault(spec.key(), spec)
+    part, parts = share
+    mine = list(specs.values())[part::parts]
     results = []
-    for number, spec in enumerate(specs.values(), 1):
+    for number, spec in enumerate(mine, 1):
         results.append(compile_specialisation(spec))
         if progress:
             result = results[-1]
-            print(f"[{number}/{len(specs)}] sm_{spec.arch} {spec.name}: "
+            where = f"{number}/{len(mine)}" + (f" of part {part + 1}/{parts}" if parts > 1 else "")
+            print(f"[{where}] sm_{spec.arch} {spec.name}: "
                   f"{'ok' if result.ok else 'FAILED'} {result.seconds:.2f} s", file=sys.stderr, flush=True)
     return results
 
 
-def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = False) -> list[CompileResult]:
+def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = False, jobs: int = 1) -> list[CompileResult]:
     """Compile the distinct specialisations of ``launches`` for each architecture, in first-launch order.
 
-    Under ``TRITON_INTERPRET`` (interpreted kernels) the work runs in a child Python without
-    the interpreter, which imports each kernel by its module and name; the modules must be
-    importable there (the child gets this process's ``sys.path``, after the folders in
-    ``RGKERN_AOT_PYTHONPATH`` when that is set: so launches recorded under one Triton's
-    interpreter can be compiled by another Triton, e.g. the 3.6 of the GPU machines, whose
-    interpreter cannot run kernels that loop over a runtime bound with NumPy 2). ``progress``
-    prints a line per compile to stderr.
+    Under ``TRITON_INTERPRET`` (interpreted kernels), or with ``jobs`` > 1, the work runs in
+    ``jobs`` child Pythons without the interpreter, which import each kernel by its module and
+    name; the modules must be importable there (the children get this process's
+    ``sys.path``, after the folders in ``RGKERN_AOT_PYTHONPATH`` when that is set: so
+    launches recorded under one Triton's interpreter can be compiled by another Triton, e.g.
+    the 3.6 of the GPU machines, whose interpreter cannot run kernels that loop over a
+    runtime bound with NumPy 2). ``progress`` prints a line per compile to stderr.
     """
     launches = list(launches)
-    if not interpreter_requested() and not any(type(launch.kernel).__name__ == "InterpretedFunction" for launch in launches):
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    interpreted = interpreter_requested() or any(type(launch.kernel).__name__ == "InterpretedFunction" for launch in launches)
+    if jobs == 1 and not interpreted:
         return _compile_here(launches, architectures, progress)
     with tempfile.TemporaryDirectory() as folder:
         request = os.path.join(folder, "launches.json")
-        answer = os.path.join(folder, "results.json")
-        with open(request, "w") as file:
-            json.dump({"launches": [_launch_to_json(l) for l in launches], "architectures": list(architectures),
-                       "progress": progress}, file)
+        save_launches(launches, request)
         paths = os.environ.get("RGKERN_AOT_PYTHONPATH", "").split(os.pathsep) + sys.path
         environment = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in paths if p))
-        subprocess.run([sys.executable, "-m", __name__, request, answer], check=True, env=environment)
-        with open(answer) as file:
-            return [CompileResult(**entry) for entry in json.load(file)]
+        answers = [os.path.join(folder, f"results{part}.json") for part in range(jobs)]
+        children = [
+            subprocess.Popen([sys.executable, "-m", __name__, request, answers[part], ",".join(map(str, architectures)),
+                              str(part), str(jobs), "1" if progress else "0"], env=environment)
+            for part in range(jobs)
+        ]
+        codes = [child.wait() for child in children]
+        if any(codes):
+            raise RuntimeError(f"an ahead-of-time compiler process failed (exit codes {codes})")
+        parts = []
+        for answer in answers:
+            with open(answer) as file:
+                parts.append([CompileResult(**entry) for entry in json.load(file)])
+    # Part i holds specialisations i, i + jobs, ...: interleave them back into first-launch order.
+    return [result for group in itertools.zip_longest(*parts) for result in group if result is not None]
 
 
-def _main(request: str, answer: str) -> None:
-    with open(request) as file:
-        job = json.load(file)
-    launches = [_launch_from_json(entry) for entry in job["launches"]]
-    results = _compile_here(launches, job["architectures"], job["progress"])
+def save_launches(launches, path) -> None:
+    """Write ``launches`` to a JSON file that :func:`load_launches` reads (record once, compile under each Triton)."""
+    with open(path, "w") as file:
+        json.dump([_launch_to_json(launch) for launch in launches], file)
+
+
+def load_launches(path) -> list[Launch]:
+    """The launches :func:`save_launches` wrote, bound to this process's kernels."""
+    with open(path) as file:
+        return [_launch_from_json(entry) for entry in json.load(file)]
+
+
+def _main(request: str, answer: str, architectures: str, part: str, parts: str, progress: str) -> None:
+    launches = load_launches(request)
+    results = _compile_here(launches, [int(a) for a in architectures.split(",")], progress == "1", (int(part), int(parts)))
     with open(answer, "w") as file:
         json.dump([dataclasses.asdict(result) for result in results], file)
 

@@ -1,6 +1,7 @@
 """Compile every Triton kernel specialisation the model launches, for sm_80 and sm_90, without a GPU.
 
-Usage: ``python scripts/compile_kernels.py [--arch 80 90] [--markdown FILE]``.
+Usage: ``python scripts/compile_kernels.py [--arch 80 90] [--jobs N] [--markdown FILE]
+[--save-launches FILE | --launches FILE]``.
 
 Records the kernel launches of small models run under Triton's CPU interpreter, with the
 block sizes a GPU would use (:func:`rgkern.kernels.launch.gpu_block_sizes`): encode, decode
@@ -17,7 +18,10 @@ reported. Triton's version decides what is checked: run it under each Triton tha
 (3.6 on the GPU machines, the newest release). Triton 3.6's interpreter cannot record the
 fused half-step (its loops over runtime bounds fail under NumPy 2), so record with a newer
 Triton and compile with 3.6: ``RGKERN_AOT_PYTHONPATH=/path/to/triton-3.6-site python
-scripts/compile_kernels.py``.
+scripts/compile_kernels.py``. Recording the whole set took most of an hour on one core, and
+compiling it about a second per specialisation: ``--save-launches FILE`` keeps the recording,
+``--launches FILE`` compiles one instead of recording (e.g. once per Triton), and ``--jobs N``
+compiles in N processes.
 """
 import os
 
@@ -89,16 +93,8 @@ def record_passes(model: rgkern.RGFlow, batches=BATCHES) -> list:
     return launches
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHITECTURES), help="sm versions (80 90)")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="image sizes L")
-    parser.add_argument("--device", default="cpu", help="where the models run while recording (cpu: interpreter)")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    args = parser.parse_args(argv)
-
-    start = time.perf_counter()
+def record_all(args) -> list:
+    """The launches of every model of ``args.dtypes`` x C = 1, 3 x k = 2, 4 x ``args.sizes`` (:func:`record_passes`)."""
     launches = []
     for dtype_name in args.dtypes:
         for channels in (1, 3):
@@ -109,9 +105,33 @@ def main(argv=None) -> int:
                     for n_mlp in (2, 0) if size == min(args.sizes) else (2,):
                         model = random_model(size, channels, kernel_size, DTYPES[dtype_name], args.device, n_mlp)
                         launches.extend(record_passes(model))
+    return launches
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHITECTURES), help="sm versions (80 90)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="image sizes L")
+    parser.add_argument("--device", default="cpu", help="where the models run while recording (cpu: interpreter)")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
+    recording = parser.add_mutually_exclusive_group()
+    recording.add_argument("--save-launches", type=Path, metavar="FILE", help="write the recorded launches to FILE (JSON)")
+    recording.add_argument("--launches", type=Path, metavar="FILE",
+                           help="compile the launches in FILE (from --save-launches) instead of recording")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+
+    start = time.perf_counter()
+    launches = aot.load_launches(args.launches) if args.launches else record_all(args)
     recorded = time.perf_counter() - start
-    print(f"recorded {len(launches)} distinct launches in {recorded:.0f} s; compiling", file=sys.stderr, flush=True)
-    results = aot.compile_launches(launches, args.arch, progress=True)
+    if args.save_launches:
+        aot.save_launches(launches, args.save_launches)
+    print(f"{'loaded' if args.launches else 'recorded'} {len(launches)} distinct launches in {recorded:.0f} s; compiling",
+          file=sys.stderr, flush=True)
+    results = aot.compile_launches(launches, args.arch, progress=True, jobs=args.jobs)
     compiled = time.perf_counter() - start - recorded
 
     table = aot.format_results(results)
@@ -126,7 +146,8 @@ def main(argv=None) -> int:
     seconds = [r.seconds for r in results]
     print()
     print(f"Triton {triton.__version__}: {len(results)} specialisations compiled for sm_{', sm_'.join(map(str, args.arch))} "
-          f"in {compiled:.0f} s ({min(seconds):.2f} to {max(seconds):.2f} s each); recording took {recorded:.0f} s")
+          f"in {compiled:.0f} s ({min(seconds):.2f} to {max(seconds):.2f} s each, {args.jobs} process(es)); "
+          f"{'loading' if args.launches else 'recording'} took {recorded:.0f} s")
     for (kernel, arch), count in sorted(per_kernel.items()):
         group = [r for r in results if (r.kernel, r.arch) == (kernel, arch) and r.ok]
         registers = [r.registers for r in group]

@@ -167,6 +167,24 @@ def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
 
 
 
+
+def test_saved_launches_compile_the_same_in_two_processes(recorded, tmp_path):
+    """A recording kept in a file (compile it once per Triton) and the work shared by two
+    compiler processes give the results of one process, in the same order."""
+    launches = list({launch.name: launch for launch in recorded[torch.float32] if not launch.name.startswith(FUSED)}.values())
+    assert len(launches) >= 4
+    aot.save_launches(launches, tmp_path / "launches.json")
+    loaded = aot.load_launches(tmp_path / "launches.json")
+    assert [(l.name, l.args, l.kwargs) for l in loaded] == [(l.name, l.args, l.kwargs) for l in launches]
+
+    def figures(results):
+        return [(r.kernel, r.arch, r.arguments, r.constexprs, r.registers, r.ok) for r in results]
+
+    alone, shared = aot.compile_launches(launches, (80,)), aot.compile_launches(loaded, (80,), jobs=2)
+    assert len(alone) == len(launches) and figures(shared) == figures(alone)
+    with pytest.raises(ValueError, match="jobs must be a positive int, got 0"):
+        aot.compile_launches(launches, (80,), jobs=0)
+
 def test_fused_kernels_compile_with_one_row_per_image():
     """Batch 1 at a top-level sublayer of one patch: the row count and the patches per image
     are both 1, which Triton specialises to constants, so their quotient is a Python int and
