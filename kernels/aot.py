@@ -160,7 +160,8 @@ class CompileResult:
     ``spill_loads`` / ``stack`` in bytes per thread (spills None where only ``cuobjdump``
     could be read: it gives the stack frame, not the spills); ``shared`` bytes of shared
     memory per program; ``seconds`` of the whole compile; ``error`` the compiler's message
-    when it failed (the figures are then None).
+    when it failed (the figures are then None); ``triton`` the version that compiled it (the
+    child's, where :func:`compile_launches` compiles under another Triton).
     """
 
     kernel: str
@@ -170,6 +171,7 @@ class CompileResult:
     pointer_dtypes: list
     seconds: float
     options: dict = dataclasses.field(default_factory=dict)
+    triton: str | None = None
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -227,7 +229,7 @@ def compile_specialisation(spec: Specialisation) -> CompileResult:
     """
     pointers = sorted({kind.lstrip("*k") for kind in spec.signature.values() if kind.startswith("*")})
     described = dict(kernel=spec.name, arch=spec.arch, arguments=spec.arguments(), constexprs=spec.constants(),
-                     pointer_dtypes=pointers, options=dict(spec.options))
+                     pointer_dtypes=pointers, options=dict(spec.options), triton=triton.__version__)
     source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     log = io.StringIO()
     knobs = triton.knobs

@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     per_kernel = collections.Counter((r.kernel, r.arch) for r in results)
     seconds = [r.seconds for r in results]
     print()
-    print(f"Triton {triton.__version__}: {len(results)} specialisations compiled for sm_{', sm_'.join(map(str, args.arch))} "
+    versions = ", ".join(sorted({r.triton for r in results})) or triton.__version__
+    print(f"Triton {versions}: {len(results)} specialisations compiled for sm_{', sm_'.join(map(str, args.arch))} "
           f"in {compiled:.0f} s ({min(seconds):.2f} to {max(seconds):.2f} s each, {args.jobs} process(es)); "
           f"{'loading' if args.launches else 'recording'} took {recorded:.0f} s")
     for (kernel, arch), count in sorted(per_kernel.items()):

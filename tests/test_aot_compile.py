@@ -182,6 +182,7 @@ def test_saved_launches_compile_the_same_in_two_processes(recorded, tmp_path):
 
     alone, shared = aot.compile_launches(launches, (80,)), aot.compile_launches(loaded, (80,), jobs=2)
     assert len(alone) == len(launches) and figures(shared) == figures(alone)
+    assert {r.triton for r in alone + shared} == {triton.__version__}  # the children's Triton is this one
     with pytest.raises(ValueError, match="jobs must be a positive int, got 0"):
         aot.compile_launches(launches, (80,), jobs=0)
 
