@@ -275,9 +275,14 @@ def _launch_to_json(launch: Launch) -> dict:
     }
 
 
+def _interpreted(kernel) -> bool:
+    """True for a kernel bound under ``TRITON_INTERPRET`` (it cannot be compiled in this process)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def _launch_from_json(entry: dict) -> Launch:
     kernel = getattr(importlib.import_module(entry["module"]), entry["name"], None)
-    if not (hasattr(kernel, "params") or type(kernel).__name__ == "InterpretedFunction"):
+    if not (hasattr(kernel, "params") or _interpreted(kernel)):
         raise TypeError(f"{entry['module']}.{entry['name']} is not a @triton.jit kernel: the compiler process imports "
                         "each kernel by the name of its function, at the top level of its module")
     return Launch(kernel, tuple(_decode(v) for v in entry["args"]), tuple((k, _decode(v)) for k, v in entry["kwargs"]))
@@ -318,7 +323,7 @@ def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = Fal
     launches = list(launches)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
-    interpreted = interpreter_requested() or any(type(launch.kernel).__name__ == "InterpretedFunction" for launch in launches)
+    interpreted = interpreter_requested() or any(_interpreted(launch.kernel) for launch in launches)
     if jobs == 1 and not interpreted:
         return _compile_here(launches, architectures, progress)
     with tempfile.TemporaryDirectory() as folder:
