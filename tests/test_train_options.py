@@ -210,11 +210,24 @@ def test_learning_rate_schedules():
     assert rates[54] == pytest.approx(0.01)  # half way through the decay
     assert all(a > b > 0 for a, b in zip(rates[4:], rates[5:]))  # falls every step, never to 0 within the run
     assert rates[-1] == pytest.approx(0.02 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    wsd = tiny(lr=0.02, steps=104, warmup_steps=4, lr_schedule="wsd", decay_steps=10)
+    rates = [learning_rate(wsd, s) for s in range(104)]
+    assert rates[:5] == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02])
+    assert rates[4:95] == [0.02] * 91  # stable until the last 10 updates
+    assert rates[94:] == pytest.approx([0.02 * (10 - i) / 10 for i in range(10)])  # then linear, down to lr / 10
 
 
 def test_schedule_settings_are_checked():
-    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, wsd, got 'linear'"):
         tiny(lr_schedule="linear")
+    with pytest.raises(ValueError, match=r"'wsd' needs 1 <= decay_steps <= steps - warmup_steps = 96, got decay_steps 0"):
+        tiny(lr_schedule="wsd", steps=100, warmup_steps=4)
+    with pytest.raises(ValueError, match=r"'wsd' needs 1 <= decay_steps <= steps - warmup_steps = 96, got decay_steps 97"):
+        tiny(lr_schedule="wsd", steps=100, warmup_steps=4, decay_steps=97)
+    with pytest.raises(ValueError, match="lr_schedule is 'cosine', so it must be 0, got 5"):
+        tiny(lr_schedule="cosine", decay_steps=5)
+    with pytest.raises(ValueError, match="decay_steps must be an int >= 0, got -1"):
+        tiny(decay_steps=-1)
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
         tiny(warmup_steps=-1)
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got 2.5"):
@@ -258,7 +271,7 @@ def test_model_and_optimiser_flags_reach_the_config_and_the_model(tmp_path, caps
     argv = CLI_TINY + [
         "--out", str(out), "--n-layers", "1,2,1,1", "--hidden", "6", "--n-res", "2", "--n-mlp", "1,0,1,0",
         "--prior", "gaussian", "--weight-decay", "0.25", "--clip-norm", "0", "--dtype", "float64", "--hflip",
-        "--lr-schedule", "cosine", "--warmup-steps", "1",
+        "--lr-schedule", "wsd", "--warmup-steps", "1", "--decay-steps", "1",
     ]
     code, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -268,7 +281,7 @@ def test_model_and_optimiser_flags_reach_the_config_and_the_model(tmp_path, caps
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     saved = read_document(out / CHECKPOINT_NAME)["info"]["train_config"]
     assert saved["weight_decay"] == 0.25 and saved["grad_clip"] == 0.0 and saved["hflip"] is True and saved["dtype"] == "float64"
-    assert saved["lr_schedule"] == "cosine" and saved["warmup_steps"] == 1
+    assert saved["lr_schedule"] == "wsd" and saved["warmup_steps"] == 1 and saved["decay_steps"] == 1
     state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["model"].config == model.config
     # --resume with none of the flags continues the same run ...
@@ -295,6 +308,8 @@ def test_model_and_optimiser_flags_reach_the_config_and_the_model(tmp_path, caps
         (["--hidden", "4,4"], "hidden has 2 entries (4, 4), expected one per RG level (4 levels)"),
         (["--weight-decay", "-1"], "weight_decay must be a finite number >= 0, got -1.0"),
         (["--clip-norm", "inf"], "grad_clip must be a finite number >= 0, got inf"),
+        (["--lr-schedule", "wsd"], "lr_schedule 'wsd' needs 1 <= decay_steps <= steps - warmup_steps = 2, got decay_steps 0"),
+        (["--decay-steps", "-1"], "argument --decay-steps: expected an integer >= 0 (at most 2**62), got '-1'"),
         (["--dtype", "float64", "--bf16"], "bf16 autocast is for float32 models"),
         (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
         (["--warmup-steps", "-3"], "argument --warmup-steps: expected an integer >= 0 (at most 2**62), got '-3'"),

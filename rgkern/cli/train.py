@@ -62,11 +62,16 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's; 1e-3 in the paper presets)")
     parser.add_argument(
         "--lr-schedule", choices=LR_SCHEDULES, default=None,
-        help="learning rate over the run: constant, or cosine decay to 0 at the last step (default: the preset's)",
+        help="learning rate over the run: constant; cosine decay to 0 at the last step; or wsd: constant, then a linear "
+             "decay to 0 over the last --decay-steps steps (default: the preset's)",
     )
     parser.add_argument(
         "--warmup-steps", type=nonnegative_int, default=None,
         help="linear learning-rate warm-up over the first N steps (default: the preset's; 0 in the paper presets)",
+    )
+    parser.add_argument(
+        "--decay-steps", type=nonnegative_int, default=None,
+        help="with --lr-schedule wsd: the length of the final linear decay, in steps",
     )
     parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 5e-5)")
     parser.add_argument("--clip-norm", type=float, default=None, help="clip gradients at this global norm; 0: no clipping (default 1)")
@@ -183,6 +188,7 @@ def run_train(args) -> int:
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
+        decay_steps=args.decay_steps,
         weight_decay=args.weight_decay,
         grad_clip=args.clip_norm,
         hflip=args.hflip or None,

@@ -20,9 +20,10 @@ __all__ = ["PRESETS", "DTYPES", "LR_SCHEDULES", "learning_rate", "DEFAULT_SAMPLE
 
 #: The parameter dtypes a run can train in (``TrainConfig.dtype``).
 DTYPES = ("float32", "float64")
-#: Learning-rate schedules (``TrainConfig.lr_schedule``): "constant", or "cosine" decay to 0
-#: at the last step; both after ``warmup_steps`` of linear warm-up.
-LR_SCHEDULES = ("constant", "cosine")
+#: Learning-rate schedules (``TrainConfig.lr_schedule``): "constant"; "cosine" decay to 0 at
+#: the last step; "wsd" (warm-up, stable, decay): constant, then a linear decay to 0 over the
+#: last ``decay_steps`` updates. All after ``warmup_steps`` of linear warm-up.
+LR_SCHEDULES = ("constant", "cosine", "wsd")
 #: The default ``TrainConfig.sample_temperatures``: 1 and a lower one, as flow papers show samples.
 DEFAULT_SAMPLE_TEMPERATURES = (1.0, 0.7)
 #: At most this many sample temperatures (row groups of samples.png).
@@ -117,8 +118,9 @@ class TrainConfig:
     ``seed`` and the step, so a resumed run stays bit-identical. ``dtype``: ``"float32"`` or
     ``"float64"``, the dtype of the model's parameters and of the preprocessed data.
     ``lr_schedule``: one of :data:`LR_SCHEDULES`; ``warmup_steps``: updates of linear warm-up
-    from ``lr / warmup_steps`` to ``lr`` (:func:`learning_rate` gives the rate of every update;
-    the cosine decay spans ``steps``, so a run resumed with more steps decays anew from there).
+    from ``lr / warmup_steps`` to ``lr``; ``decay_steps``: the length of the "wsd" schedule's
+    final linear decay (0 for the other schedules). :func:`learning_rate` gives the rate of
+    every update; both decays end at ``steps``, so a run resumed with more steps decays anew.
     ``bf16``: bfloat16 autocast around the model (see :meth:`Trainer.loss`). ``compile``:
     ``torch.compile`` the model's ``log_prob`` (fullgraph); ``cuda_graphs``: the same with
     ``mode="reduce-overhead"`` (CUDA graphs; CUDA only, implies ``compile``). ``batch_size``
@@ -141,6 +143,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    decay_steps: int = 0
     weight_decay: float = 5e-5
     grad_clip: float = 1.0
     hflip: bool = False
@@ -180,6 +183,15 @@ class TrainConfig:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise InputError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int) or self.decay_steps < 0:
+            raise InputError(f"decay_steps must be an int >= 0, got {self.decay_steps!r}")
+        if self.lr_schedule == "wsd" and not 0 < self.decay_steps <= self.steps - self.warmup_steps:
+            raise InputError(
+                f"lr_schedule 'wsd' needs 1 <= decay_steps <= steps - warmup_steps = {self.steps - self.warmup_steps}, "
+                f"got decay_steps {self.decay_steps!r}"
+            )
+        if self.lr_schedule != "wsd" and self.decay_steps:
+            raise InputError(f"decay_steps is the length of the 'wsd' schedule's decay; lr_schedule is {self.lr_schedule!r}, so it must be 0, got {self.decay_steps!r}")
         for name in ("bf16", "compile", "cuda_graphs", "activation_checkpointing", "hflip"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -215,14 +227,18 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     """The learning rate of update ``step`` (0-based) of a run with ``config``.
 
     Linear warm-up over the first ``warmup_steps`` updates (``lr * (step + 1) / warmup_steps``),
-    then ``lr`` ("constant") or ``lr * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 at the
-    end of the warm-up to ``1 - 1 / (steps - warmup_steps)`` at the last update ("cosine").
+    then ``lr`` ("constant"); or ``lr * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 at the
+    end of the warm-up to ``1 - 1 / (steps - warmup_steps)`` at the last update ("cosine"); or
+    ``lr`` until the last ``decay_steps`` updates and ``lr * (steps - step) / decay_steps`` in
+    them, from ``lr`` down to ``lr / decay_steps`` at the last update ("wsd").
     A pure function of its arguments, so a resumed run follows the same schedule.
     """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.lr_schedule == "constant":
         return config.lr
+    if config.lr_schedule == "wsd":
+        return config.lr * min(1.0, (config.steps - step) / config.decay_steps)
     decay_steps = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))

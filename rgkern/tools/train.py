@@ -119,7 +119,7 @@ HISTORY_NAME = "history.json"
 
 # Settings that fix the trajectory of a run: resuming with any of them changed would not
 # continue the same run, so it is refused.
-_RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "seed", "bf16", "hflip", "dtype")
+_RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "lr_schedule", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "seed", "bf16", "hflip", "dtype")
 
 
 class NonFiniteError(InputError, RuntimeError):
