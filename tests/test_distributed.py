@@ -229,3 +229,15 @@ def test_shutdown_waits_until_the_backend_lets_go_of_the_tensors(one_process_gro
     dist_utils.shutdown_distributed()
     assert not dist.is_initialized()
     assert released == [True, True, True]  # size and payload of the broadcast, the all-reduce
+
+
+def test_shutdown_says_so_when_the_backend_never_lets_go(one_process_group):
+    """Waiting has a bound: a backend that keeps a tensor gets a warning naming the risk, not a hang."""
+    context = DistributedContext(world_size=2, rank=0, local_rank=0, local_world_size=2)
+    dist_utils._HANDED_TO_BACKEND.clear()
+    dist_utils.all_reduce_mean(torch.tensor([1.0]), context)
+    kept = [t * torch.ones((), requires_grad=True) for t in dist_utils._HANDED_TO_BACKEND]  # a reference never dropped
+    with pytest.warns(RuntimeWarning, match=r"still holds 1 of the tensors of our last collectives after 0.05 s"):
+        dist_utils._wait_until_backend_lets_go(timeout=0.05)
+    assert not dist_utils._HANDED_TO_BACKEND and kept
+

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -242,10 +243,22 @@ def _collective(operation, tensor: torch.Tensor, **kwargs) -> None:
 
 
 def _wait_until_backend_lets_go(timeout: float = 10.0) -> None:
-    """Sleep (the GIL released) until no backend thread references a tensor of :data:`_HANDED_TO_BACKEND`."""
+    """Sleep (the GIL released) until no backend thread references a tensor of :data:`_HANDED_TO_BACKEND`.
+
+    After ``timeout`` seconds it gives up with a warning: the process may then abort at exit
+    (see :func:`shutdown_distributed`), which is better than hanging in it.
+    """
     deadline = time.monotonic() + timeout
     while any(tensor._use_count() > 1 for tensor in _HANDED_TO_BACKEND) and time.monotonic() < deadline:
         time.sleep(1e-3)
+    held = sum(tensor._use_count() > 1 for tensor in _HANDED_TO_BACKEND)
+    if held:
+        warnings.warn(
+            f"the process group's backend still holds {held} of the tensors of our last collectives after {timeout:g} s; "
+            "ending the group anyway (a backend thread releasing them during interpreter shutdown aborts the process)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _HANDED_TO_BACKEND.clear()
 
 
