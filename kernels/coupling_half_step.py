@@ -602,6 +602,9 @@ class TileConfig(NamedTuple):
     block_h: int
     num_warps: int
     num_stages: int = 3
+    #: The narrowest hidden tile this configuration may be narrowed to (:func:`tile_candidates`):
+    #: a launch whose hidden width would need a narrower one does not use it.
+    min_block_h: int = 16
 
 
 #: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
@@ -619,8 +622,12 @@ TUNING_CONFIGS = {
     # float32 on 16 rows spilled 8-16 B on sm_80 under 3.9 on 4 warps (14 of 96 with 32-wide
     # hidden tiles), none on 8 warps (at most 200 registers under either Triton).
     torch.float32: (TileConfig(32, 64, 64, 8, 3), TileConfig(16, 64, 64, 8, 3)),
-    torch.bfloat16: (TileConfig(32, 64, 32, 8, 3), TileConfig(16, 64, 32, 4, 3)),
-    torch.float16: (TileConfig(32, 64, 32, 8, 3), TileConfig(16, 64, 32, 4, 3)),
+    # bfloat16 on 32 rows with 16-wide hidden tiles (hidden widths up to 16) spilled 24-32 B in
+    # the forward kernels that gather from the image under 3.6 (255 registers; 4 or 16 warps,
+    # 1 or 2 stages, or a 32-wide tile over 8 hidden columns spilled too), so such launches
+    # take the 16-row configuration (164-220 registers, no spills under either Triton).
+    torch.bfloat16: (TileConfig(32, 64, 32, 8, 3, min_block_h=32), TileConfig(16, 64, 32, 4, 3)),
+    torch.float16: (TileConfig(32, 64, 32, 8, 3, min_block_h=32), TileConfig(16, 64, 32, 4, 3)),
     # float64 multiplies by broadcast-and-sum (for the exactness tests, not for speed): one config.
     torch.float64: (TileConfig(16, 16, 16, 4, 3),),
 }
@@ -647,7 +654,8 @@ def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> t
     """The :class:`TileConfig`\\ s a launch may use, the default first.
 
     On a GPU :data:`TUNING_CONFIGS` of the compute ``dtype``, narrowed to the widths ``dim`` and
-    ``hidden`` (equal ones once); never dependent on ``n_rows`` (``torch.compile`` with dynamic
+    ``hidden`` (equal ones once; those whose hidden tile would fall below their
+    ``min_block_h`` left out); never dependent on ``n_rows`` (``torch.compile`` with dynamic
     batch sizes must not specialise on it). Under the interpreter (outside
     :func:`~rgkern.kernels.launch.gpu_block_sizes`) one configuration, as wide as the data
     allows up to :data:`INTERPRETER_MAX_TILE`.
@@ -659,7 +667,7 @@ def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> t
         cap = INTERPRETER_MAX_TILE
         return (TileConfig(width(n_rows, cap), width(dim, cap), width(hidden, cap), 4),)
     narrowed = (t._replace(block_d=width(dim, t.block_d), block_h=width(hidden, t.block_h)) for t in TUNING_CONFIGS[dtype])
-    return tuple(dict.fromkeys(narrowed))
+    return tuple(dict.fromkeys(t for t in narrowed if t.block_h >= t.min_block_h))
 
 
 def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileConfig:

@@ -461,6 +461,14 @@ def test_tuning_is_off_under_the_interpreter_and_for_cpu_tensors():
         assert gpu[0] == tuning.tile_config(7, 48, 512, torch.float32) == tuning.GPU_TILES[torch.float32]
         assert len(gpu) == len(tuning.TUNING_CONFIGS[torch.float32]) == 2
         assert tuning.tile_candidates(10, 4, 6, torch.float64) == (tuning.TileConfig(16, 16, 16, 4, 3),)
+        # bfloat16's 32-row configuration takes hidden tiles of 32 at least (narrower ones spilled
+        # under Triton 3.6): hidden widths up to 16 leave it out, wider ones keep the whole set.
+        default, sixteen_rows = tuning.TUNING_CONFIGS[torch.bfloat16]
+        assert default.block_rows == 32 and default.min_block_h == 32 and sixteen_rows.block_rows == 16
+        assert tuning.tile_candidates(10, 48, 8, torch.bfloat16) == (sixteen_rows._replace(block_h=16),)
+        assert tuning.tile_candidates(10, 48, 16, torch.bfloat16) == (sixteen_rows._replace(block_h=16),)
+        assert tuning.tile_candidates(10, 48, 24, torch.bfloat16) == (default, sixteen_rows)
+        assert tuning.tile_candidates(10, 48, 8, torch.float32)[0].block_rows == 32
 
 
 def test_timed_choice_is_kept_per_shape_and_leaves_the_results_alone(monkeypatch):
