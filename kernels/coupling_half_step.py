@@ -593,6 +593,10 @@ class HalfStepWeights(NamedTuple):
         return self.w_last.shape[-1]
 
 
+# The narrowest tile over any width (``tl.dot`` needs every tile dimension >= 16).
+MIN_TILE = 16
+
+
 class TileConfig(NamedTuple):
     """Block sizes and launch options of the half-step kernels: rows per program, tile widths
     over D and H, warps, software-pipeline stages."""
@@ -604,7 +608,7 @@ class TileConfig(NamedTuple):
     num_stages: int = 3
     #: The narrowest hidden tile this configuration may be narrowed to (:func:`tile_candidates`):
     #: a launch whose hidden width would need a narrower one does not use it.
-    min_block_h: int = 16
+    min_block_h: int = MIN_TILE
 
 
 #: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
@@ -640,7 +644,6 @@ GPU_TILES = {dtype: configs[0] for dtype, configs in TUNING_CONFIGS.items()}
 MAX_REGISTERS = 255
 # Under the interpreter each program and loop iteration costs Python time: one tile per width.
 INTERPRETER_MAX_TILE = 128
-MIN_TILE = 16
 #: Environment variable: "0" turns the timing off, so that every process uses the defaults
 #: (and so the same floating-point summation order: bit-identical runs on one GPU model).
 AUTOTUNE_ENV = "RGKERN_AUTOTUNE"
