@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.core.model import convert_legacy_state_dict
+from rgkern.tools.checkpoint import convert_legacy_state_dict
 from rgkern.tools.profile import count_work
 from rgkern.tools.train import make_optimizer
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.core.model import convert_legacy_state_dict, is_legacy_state_dict
-from rgkern.tools.checkpoint import load_checkpoint, save_checkpoint
+from rgkern.tools.checkpoint import convert_legacy_state_dict, is_legacy_state_dict, load_checkpoint, save_checkpoint
 from rgkern.tools.profile import count_work, saved_activation_bytes
 
 import legacy_model

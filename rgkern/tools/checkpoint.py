@@ -38,11 +38,15 @@ import inspect
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.errors import InputError, InputFileNotFoundError, InputTypeError
 from .files import atomic_write_many
+
+if TYPE_CHECKING:
+    from ..core.model import RGFlow
 
 __all__ = [
     "save_checkpoint",
@@ -57,6 +61,8 @@ __all__ = [
     "pretrained_path",
     "resolve_checkpoint",
     "load_pretrained",
+    "is_legacy_state_dict",
+    "convert_legacy_state_dict",
 ]
 
 #: 2: the stacked s/t parameter layout (``sublayers.S.networks.*``); 1: one ``nn.Linear`` per
@@ -390,8 +396,6 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
     or tensors differ from ``model``'s (the message lists the settings and tensors that
     differ); ``ValueError`` for a ``map_location`` this machine cannot use.
     """
-    from ..core.model import convert_legacy_state_dict, is_legacy_state_dict
-
     path = resolve_checkpoint(path)
     map_location = _check_device(map_location)
     document, tensors = _read(path)
@@ -509,3 +513,50 @@ def load_model(path, device="cpu", backend="auto"):
 def load_pretrained(name: str, device="cpu", backend="auto"):
     """The shipped pretrained model ``name`` (e.g. ``"msds1-cpu"``; see :func:`pretrained_names`), as :func:`load_model` gives it."""
     return load_model(pretrained_path(name), device=device, backend=backend)
+
+
+# --------------------------------------------------------------------------- legacy checkpoints (format 1)
+def _legacy_key(sublayer: int, pair: int, name: str) -> str:
+    block, half = divmod(pair, 2)
+    return f"sublayers.{sublayer}.blocks.{block}.halves.{half}.{name}"
+
+
+def is_legacy_state_dict(state: dict) -> bool:
+    """True for a state dict of the first layout (one ``nn.Linear`` per layer, ``blocks.B.halves.H``)."""
+    return any(".halves." in key for key in state)
+
+
+def convert_legacy_state_dict(state: dict, model: RGFlow) -> dict:
+    """Map a state dict of the first layout (checkpoint format 1) onto ``model``'s stacked layout.
+
+    The first layout had, per half-step ``h`` of block ``b`` of sublayer ``s``,
+    ``sublayers.s.blocks.b.halves.h.{s_net,t_net}.blocks.r.{2j}.beta`` (Swish slopes),
+    ``....{2j+1}.parametrizations.weight.original0`` / ``original1`` (weight-norm ``g`` /
+    ``v``), ``....{2j+1}.bias`` and ``...halves.h.{s_scale,t_scale}``. Half-step ``h`` of
+    block ``b`` is pair ``2b + h`` here. Raises ``KeyError`` naming a missing tensor.
+    """
+    out = {}
+    for s, sublayer in enumerate(model.sublayers):
+        nets = sublayer.networks
+        prefix = f"sublayers.{s}.networks"
+        for j in range(nets.n_mlp + 1):
+            parts = {
+                "slopes": (f"{2 * j}.beta", lambda t: t.reshape(1, -1)),
+                "directions": (f"{2 * j + 1}.parametrizations.weight.original1", lambda t: t),
+                "magnitudes": (f"{2 * j + 1}.parametrizations.weight.original0", lambda t: t.reshape(-1, 1)),
+                "biases": (f"{2 * j + 1}.bias", lambda t: t.reshape(1, -1)),
+            }
+            for name, (suffix, shape) in parts.items():
+                target = getattr(nets, name)[j]
+                stacked = torch.empty(target.shape, dtype=target.dtype)
+                for pair in range(nets.pairs):
+                    for r in range(nets.n_res):
+                        for n, network in enumerate(("s_net", "t_net")):
+                            key = _legacy_key(s, pair, f"{network}.blocks.{r}.{suffix}")
+                            stacked[pair, r, n] = shape(state[key])
+                out[f"{prefix}.{name}.{j}"] = stacked
+        for scale in ("s_scale", "t_scale"):
+            out[f"{prefix}.{scale}"] = torch.stack(
+                [state[_legacy_key(s, pair, scale)] for pair in range(nets.pairs)]
+            )
+    return out
