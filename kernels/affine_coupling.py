@@ -23,6 +23,7 @@ import triton.language as tl
 
 from rgkern.core.precision import accumulator_dtype
 
+from .coupling.device import TANH_SERIES_LIMIT, _load_tile, _tanh, _tanh_and_derivative
 from .launch import GPU_TILE_ELEMENTS, launch_kernel, row_launch_shape
 
 __all__ = [
@@ -34,54 +35,12 @@ __all__ = [
     "TILE_ELEMENTS",
 ]
 
-# |a| below which tanh(a) uses its Taylor polynomial to a**9 (truncation 0.0089 |a|**10 relative):
-# 0.25 keeps float32 at ~1e-8, 0.04 keeps float64 at ~1e-16; above it, the exp formula loses at
-# most ~eps / |a| to cancellation.
-TANH_SERIES_LIMIT = {torch.float64: 0.04, torch.float32: 0.25}
-
 # Elements of a tile on a GPU, by accumulator dtype. A float64 value takes two registers, so
 # float64 tiles hold half as many (the same registers per tile): at 2,048 the float64 backward
 # needs more than the 255 registers a thread has and spills 96-216 bytes per thread, the
 # forward uses 238-252 (sm_80 and sm_90, Triton 3.6 and 3.9; bench/RESULTS.md).
 TILE_ELEMENTS = {torch.float32: GPU_TILE_ELEMENTS, torch.float64: GPU_TILE_ELEMENTS // 2}
 
-
-@triton.jit
-def _tanh(a, SERIES_LIMIT: tl.constexpr):
-    """tanh of a float32/float64 tile from ``tl.exp``; integer constants keep float64 exact."""
-    a2 = a * a
-    # a * (1 - a^2/3 + 2a^4/15 - 17a^6/315 + 62a^8/2835), over the common denominator 2835.
-    series = a * (2835 + a2 * (-945 + a2 * (378 + a2 * (-153 + a2 * 62)))) / 2835
-    decay = tl.exp(-2 * tl.abs(a))
-    magnitude = (1 - decay) / (1 + decay)
-    by_exp = tl.where(a < 0, -magnitude, magnitude)
-    return tl.where(tl.abs(a) < SERIES_LIMIT, series, by_exp)
-
-
-@triton.jit
-def _tanh_and_derivative(a, SERIES_LIMIT: tl.constexpr):
-    """``tanh(a)`` and its derivative ``1 - tanh(a)**2``, the latter from the exponential itself.
-
-    ``1 - t*t`` from a tanh ``t`` with relative error ``e`` has relative error
-    ``2 e t**2 / (1 - t**2)``: 26 e at |a| = 2, 370 e at |a| = 3.3, so a float32 gradient through
-    a saturated tanh lost digits (the float32 model-level gradients of the s scales showed it).
-    ``4 q / (1 + q)**2`` with ``q = exp(-2|a|)`` (the exp ``_tanh`` computes anyway) keeps a few
-    eps everywhere; in the series range ``1 - t*t`` has no cancellation.
-    """
-    t = _tanh(a, SERIES_LIMIT)
-    decay = tl.exp(-2 * tl.abs(a))  # the same exp as in _tanh: compiled once
-    by_exp = 4 * decay / ((1 + decay) * (1 + decay))
-    return t, tl.where(tl.abs(a) < SERIES_LIMIT, 1 - t * t, by_exp)
-
-
-@triton.jit
-def _load_tile(ptr, offsets, live, ACC_FP64: tl.constexpr):
-    values = tl.load(ptr + offsets, mask=live, other=0)
-    if ACC_FP64:
-        values = values.to(tl.float64)
-    else:
-        values = values.to(tl.float32)
-    return values
 
 
 @triton.jit

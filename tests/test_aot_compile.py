@@ -14,7 +14,7 @@ import triton.language as tl
 from rgkern.kernels import aot, launch as launch_helpers
 from rgkern.core import functions as triton_ops
 from rgkern.kernels.affine_coupling import affine_coupling_forward
-from rgkern.kernels.coupling_half_step import GPU_TILES, TUNING_CONFIGS, WEIGHT_GRAD_MAX_ROWS
+from rgkern.kernels.coupling import GPU_TILES, TUNING_CONFIGS, WEIGHT_GRAD_MAX_ROWS
 from rgkern.kernels.launch import GPU_TILE_ELEMENTS, gpu_block_sizes, launch_kernel, record_launches
 
 from utils import random_images, tiny_model
@@ -24,7 +24,7 @@ KERNEL_MODULES = [
     "rgkern.kernels.gather_patches",
     "rgkern.kernels.scatter_patches",
     "rgkern.kernels.affine_coupling",
-    "rgkern.kernels.coupling_half_step",
+    "rgkern.kernels.coupling",
 ]
 FUSED = ("coupling_half_step", "coupling_weight_grad")  # the fused half-step's kernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]

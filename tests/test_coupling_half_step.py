@@ -1,6 +1,6 @@
 """The fused coupling half-step (s/t residual MLPs + affine coupling) against its reference.
 
-Op level: :func:`rgkern.kernels.coupling_half_step.coupling_half_step_forward` /
+Op level: :func:`rgkern.kernels.coupling.coupling_half_step_forward` /
 ``_backward`` against :func:`rgkern.core.reference.coupling_half_step` differentiated by
 autograd in float64, with every buffer the kernels write allocated NaN-filled (an element
 left unwritten shows up as NaN), with the interpreter's wide tiles and with a GPU's tiles
@@ -18,14 +18,14 @@ from rgkern.core import functions as triton_ops
 from rgkern.core import reference
 from rgkern.core.errors import InputError, InputTypeError
 from rgkern.core.geometry import get_geometry
-from rgkern.kernels.coupling_half_step import (
+from rgkern.kernels.coupling import (
     HalfStepWeights,
     coupling_half_step_backward,
     coupling_half_step_forward,
     sublayer_couplings_backward,
     sublayer_couplings_forward,
 )
-from rgkern.kernels import coupling_half_step as tuning
+from rgkern.kernels.coupling import tiles as tuning
 from rgkern.kernels.launch import gpu_block_sizes
 from rgkern.tools.profile import count_work, saved_activation_bytes
 

@@ -34,7 +34,7 @@ from ..kernels.launch import is_interpreted
 from ..kernels.affine_coupling import affine_coupling_backward, affine_coupling_forward
 from typing import Optional
 
-from ..kernels.coupling_half_step import (
+from ..kernels.coupling import (
     HalfStepWeights,
     activation_shapes,
     coupling_half_step_backward,
@@ -426,7 +426,7 @@ class AffineCouplingFunction(torch.autograd.Function):
 
 
 class CouplingHalfStepFunction(torch.autograd.Function):
-    """(y, logdet) = the fused half-step (:mod:`rgkern.kernels.coupling_half_step`).
+    """(y, logdet) = the fused half-step (:mod:`rgkern.kernels.coupling`).
 
     ``apply(x, mask, s_scale, t_scale, inverse, *weights)`` with the nine entries of a
     :class:`HalfStepWeights` (None where absent); inputs contiguous and validated by the
@@ -465,7 +465,7 @@ class CouplingHalfStepFunction(torch.autograd.Function):
 
 class SublayerCouplingsFunction(torch.autograd.Function):
     """(images, logdet) = every coupling half-step of a sublayer on whole images
-    (:func:`rgkern.kernels.coupling_half_step.sublayer_couplings_forward`: the patch gather and
+    (:func:`rgkern.kernels.coupling.sublayer_couplings_forward`: the patch gather and
     scatter fused into the first and last half-steps).
 
     ``apply(images, row_index, mask, flipped_mask, s_scale, t_scale, shared, inverse,

@@ -106,7 +106,7 @@ def coupling_half_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One coupling half-step with its s and t residual MLPs, from the stacked weights.
 
-    The math and weight layout of :mod:`rgkern.kernels.coupling_half_step` (``weights`` is its
+    The math and weight layout of :mod:`rgkern.kernels.coupling` (``weights`` is its
     ``HalfStepWeights``: weight-normalised, the last linear of each block carrying the
     residual's 1/sqrt(2)); the networks run in the weights' dtype (biases and slopes may be wider). x ``(N, D)``; mask,
     s_scale, t_scale ``(D,)``. Returns y ``(N, D)`` and the per-row log-det ``(N,)``.
