@@ -1,7 +1,17 @@
 """Shared helpers for the tests."""
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 
 import rgkern
+from rgkern import cli
 
 
 def tiny_model(L=8, C=1, k=4, dtype=torch.float64, seed=0, scale_std=0.5, **kwargs):
@@ -37,3 +47,118 @@ def random_scales(model, generator: torch.Generator) -> None:
         for name, param in model.named_parameters():
             if name.endswith("s_scale") or name.endswith("t_scale"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))
+
+
+# ----------------------------------------------------------------------------- reliability: the CLI in-process, files, kills
+# Shared by the tests/test_reliability_*.py files; their fixtures (the run folder, the trained
+# model, an image folder, a small tmpfs disk) are in conftest.py.
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--no-progress", "--num-samples", "4"]
+
+
+def run(args, capsys):
+    """``(exit code, stdout, stderr)`` of ``rgkern ARGS`` in-process (argparse's SystemExit included)."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(result, command, *fragments):
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"rgkern {command}: error: " if command else "rgkern: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def dot_files(folder: Path) -> list:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def contents(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def fill(disk: Path) -> None:
+    """Fill the file system of ``disk`` to the last byte."""
+    with open(disk / "filler", "wb", buffering=0) as handle:
+        for size in (65536, 4096, 1):  # down to the last partial block
+            try:
+                while handle.write(b"\0" * size):
+                    pass
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+
+
+# A subprocess that runs ``rgkern ARGS`` and stops in the middle of a write, printing "ready"
+# to stdout, so the test can kill it with SIGKILL exactly there.
+PAUSING_CLI = r"""
+import os, sys, time
+mode, argv = sys.argv[1], sys.argv[2:]
+
+def pause():
+    print("ready", flush=True)
+    time.sleep(600)
+
+if mode == "checkpoint-half-written":
+    import safetensors.torch as st
+    real_save = st.save_file
+    def save_file(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        pause()
+    st.save_file = save_file
+elif mode == "between-renames":
+    real_replace = os.replace
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if str(dst).endswith("model.safetensors"):
+            pause()
+    os.replace = replace
+elif mode == "npz-half-written":
+    from rgkern.tools import sampling
+    real_write = sampling._NpyStream.write
+    def write(self, batch):
+        real_write(self, batch)
+        if self.written >= 8:
+            pause()
+    sampling._NpyStream.write = write
+elif mode == "hold-lock":
+    from rgkern.tools.files import run_lock
+    with run_lock(argv[0]):
+        pause()
+from rgkern.cli import main
+sys.exit(main(argv))
+"""
+
+
+def start_paused(mode, args):
+    """Start ``rgkern ARGS`` in a subprocess that pauses at ``mode``; returns it once it is there."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_CLI, mode, *[str(a) for a in args]],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 1.0)
+        if ready:
+            line = process.stdout.readline()
+            if line.strip() == "ready":
+                return process
+            if line == "" and process.poll() is not None:
+                break
+    process.kill()
+    raise AssertionError(f"the subprocess did not reach {mode!r}: {process.communicate()[1][-2000:]}")
+
+
+def kill(process) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
