@@ -35,10 +35,12 @@ def device() -> torch.device:
 
 # ----------------------------------------------------------------------------- reliability fixtures
 # Used by the tests/test_reliability_*.py files (a file's own fixture of the same name, as
-# tests/test_cli.py's run_folder, takes precedence there).
-@pytest.fixture(scope="module")
+# tests/test_cli.py's run_folder, takes precedence there). The training run, the model loaded
+# from it and the image folder are built once per session, not once per file: no test writes
+# to them (a test that changes the run works on run_copy, a copy of its own).
+@pytest.fixture(scope="session")
 def run_folder(tmp_path_factory):
-    """One CLI run of the 'tiny' preset (4 steps, checkpoint at step 4), shared by the module."""
+    """One CLI run of the 'tiny' preset (4 steps, checkpoint at step 4), shared by the session."""
     out = tmp_path_factory.mktemp("reliability") / "run"
     assert cli.main(TRAIN + ["--out", str(out), "--steps", "4"]) == 0
     return out
@@ -51,12 +53,12 @@ def run_copy(run_folder, tmp_path):
     return copy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(run_folder):
     return rgkern.tools.checkpoint.load_model(run_folder / CHECKPOINT_NAME)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """An image-folder dataset: 8 random 32x32 RGB PNGs in train/ and in test/."""
     root = tmp_path_factory.mktemp("images")
