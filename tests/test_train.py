@@ -16,39 +16,22 @@ from rgkern.tools.train import (
     batch_indices,
     build_model,
     evaluate_bpd,
-    load_images,
     quality_kind,
     sample_quality,
     train,
 )
 
+from utils import assert_same_state, msds_images, quiet, tiny_config, trainer
+
 
 @pytest.fixture(scope="module")
 def images():
-    return load_images("msds1", split="train", size=96, progress=False), load_images("msds1", split="test", size=32, progress=False)
-
-
-def quiet(_line):
-    pass
+    return msds_images(96, 32)
 
 
 def tiny(**overrides):
-    settings = dict(train_size=96, test_size=32, batch_size=16, device="cpu")
-    settings.update(overrides)
-    return make_config("tiny", **settings)
-
-
-def trainer(config, images, out):
-    train_images, test_images = images
-    model = build_model(config, image_size=32, channels=3)
-    return Trainer(model, train_images[: config.train_size], test_images[: config.test_size], config, out, log=quiet)
-
-
-def assert_same_state(a, b):
-    state_a, state_b = a.state_dict(), b.state_dict()
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
+    """The tiny preset on this file's 96 training and 32 test images."""
+    return tiny_config(**{"train_size": 96, "test_size": 32, **overrides})
 
 
 # ----------------------------------------------------------------------------- learning

@@ -10,35 +10,20 @@ import torch
 from rgkern import cli
 from rgkern.core.preprocess import bits_per_dim, preprocess
 from rgkern.tools.checkpoint import load_checkpoint, load_model, read_document, save_checkpoint
-from rgkern.tools.presets import learning_rate, make_config, resume_config
-from rgkern.tools.train import CHECKPOINT_NAME, Trainer, batch_indices, build_model, evaluate_bpd, flip_mask, load_images, train
+from rgkern.tools.presets import learning_rate, resume_config
+from rgkern.tools.train import CHECKPOINT_NAME, Trainer, batch_indices, build_model, evaluate_bpd, flip_mask, train
+
+from utils import assert_same_state, msds_images, quiet, tiny_config, trainer
 
 
 @pytest.fixture(scope="module")
 def images():
-    return load_images("msds1", split="train", size=64, progress=False), load_images("msds1", split="test", size=16, progress=False)
-
-
-def quiet(_line):
-    pass
+    return msds_images(64, 16)
 
 
 def tiny(**overrides):
-    settings = dict(train_size=64, test_size=16, batch_size=16, device="cpu")
-    settings.update(overrides)
-    return make_config("tiny", **settings)
-
-
-def trainer(config, images, out):
-    train_images, test_images = images
-    return Trainer(build_model(config, 32, 3), train_images, test_images, config, out, log=quiet)
-
-
-def assert_same_state(a, b):
-    state_a, state_b = a.state_dict(), b.state_dict()
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
+    """The tiny preset on this file's 64 training and 16 test images."""
+    return tiny_config(**{"train_size": 64, "test_size": 16, **overrides})
 
 
 def run_cli(argv, capsys):

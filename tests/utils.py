@@ -12,6 +12,8 @@ import torch
 
 import rgkern
 from rgkern import cli
+from rgkern.tools.presets import make_config
+from rgkern.tools.train import Trainer, build_model, load_images
 
 
 def tiny_model(L=8, C=1, k=4, dtype=torch.float64, seed=0, scale_std=0.5, **kwargs):
@@ -48,6 +50,38 @@ def random_scales(model, generator: torch.Generator) -> None:
             if name.endswith("s_scale") or name.endswith("t_scale"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))
 
+
+
+# ----------------------------------------------------------------------------- training: tiny runs on MSDS1
+# Shared by tests/test_train.py and tests/test_train_options.py, each with its own image counts.
+def quiet(_line):
+    """A ``log`` function that prints nothing."""
+
+
+def msds_images(train_size, test_size):
+    """``(train images, test images)``: the first ``train_size`` / ``test_size`` of MSDS1's splits."""
+    return load_images("msds1", split="train", size=train_size, progress=False), load_images("msds1", split="test", size=test_size, progress=False)
+
+
+def tiny_config(**overrides):
+    """The hidden 'tiny' preset on the CPU, batch 16, with ``overrides`` (train_size and test_size among them)."""
+    settings = dict(batch_size=16, device="cpu")
+    settings.update(overrides)
+    return make_config("tiny", **settings)
+
+
+def trainer(config, images, out):
+    """A :class:`Trainer` of a fresh model for ``config``, on the first ``config.train_size`` / ``config.test_size`` images."""
+    train_images, test_images = images
+    model = build_model(config, image_size=32, channels=3)
+    return Trainer(model, train_images[: config.train_size], test_images[: config.test_size], config, out, log=quiet)
+
+
+def assert_same_state(a, b):
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
 
 # ----------------------------------------------------------------------------- reliability: the CLI in-process, files, kills
 # Shared by the tests/test_reliability_*.py files; their fixtures (the run folder, the trained
