@@ -1,6 +1,5 @@
 """Inpainting over the inference cone (appendix F) against the all-latents baseline."""
 import argparse
-import importlib
 import json
 import math
 
@@ -11,6 +10,7 @@ import rgkern
 from utils import random_images
 from utils import tiny_model
 from rgkern.cli.inpaint import add_cli
+from rgkern.tools import checkpoint
 from rgkern.locality.inpaint import InpaintProblem, InpaintResult, central_known_mask, inpaint, psnr
 
 
@@ -155,11 +155,6 @@ def test_psnr_and_central_mask():
 
 
 def test_cli_writes_grid_and_psnr(tmp_path, capsys):
-    try:
-        checkpoint = importlib.import_module("rgkern.tools.checkpoint")
-        importlib.import_module("rgkern.data")
-    except ImportError as error:
-        pytest.skip(f"the CLI needs rgkern.checkpoint and rgkern.data: {error}")
     from PIL import Image
 
     model = random_model(L=32, C=3, dtype=torch.float32)
