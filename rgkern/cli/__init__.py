@@ -4,12 +4,12 @@ One module per command group: :mod:`rgkern.cli.train` (``train``, ``sample``,
 ``evaluate``), :mod:`rgkern.cli.inpaint` and :mod:`rgkern.cli.explain`; the options they
 share are in :mod:`rgkern.cli.options`. Only this package uses argparse.
 
-Subcommands from other modules: every module named in :data:`EXTENSION_MODULES` that exists
-is imported and its ``add_cli(subparsers)`` called. ``add_cli`` adds its parsers to the
-``argparse`` sub-parsers object and gives each a handler with
-``parser.set_defaults(func=handler)``; ``handler(args)`` returns an exit code (``None``
-means 0). A module that does not exist (yet) is skipped; an import error inside an existing
-module is not hidden.
+Subcommands from other modules: every module named in :data:`EXTENSION_MODULES` is imported
+and its ``add_cli(subparsers)`` called. ``add_cli`` adds its parsers to the ``argparse``
+sub-parsers object and gives each a handler with ``parser.set_defaults(func=handler)``;
+``handler(args)`` returns an exit code (``None`` means 0). Every listed module is required:
+one that is missing, fails to import or has no ``add_cli`` raises, rather than its
+commands silently going missing.
 
 Errors raised for input the user can fix (:class:`rgkern.core.errors.InputError` and its
 subclasses: bad arguments and settings, missing or unwritable files, a torchrun set-up this
@@ -57,15 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands = subparsers  # its .choices: the command names
     train_commands.add_cli(subparsers)
     for name in EXTENSION_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name == name:
-                continue  # not written yet
-            raise
-        add_cli = getattr(module, "add_cli", None)
-        if add_cli is not None:
-            add_cli(subparsers)
+        importlib.import_module(name).add_cli(subparsers)
     return parser
 
 
