@@ -37,8 +37,12 @@ VARIANTS = ("paper", "authors")
 #: with "torch" against 3.105 with "authors".
 DEFAULT_INIT = {"paper": "authors", "authors": "torch"}
 
+#: A sampling temperature: one real number for every RG level, or one per level (a 0-d tensor
+#: counts as a number; :meth:`RGFlow.temperature_map`).
+Temperature = float | Sequence[float] | torch.Tensor
 
-def _per_level(name: str, value, num_levels: int) -> tuple[int, ...]:
+
+def _per_level(name: str, value: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         values = (value,) * num_levels
     elif isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -91,16 +95,16 @@ class RGFlow(nn.Module):
         image_size: int = 32,
         channels: int = 3,
         kernel_size: int = 4,
-        n_layers=None,
-        hidden=512,
-        n_res=4,
-        n_mlp=2,
+        n_layers: int | Sequence[int] | None = None,
+        hidden: int | Sequence[int] = 512,
+        n_res: int | Sequence[int] = 4,
+        n_mlp: int | Sequence[int] = 2,
         prior: str = "laplace",
         backend: str = "auto",
         activation_checkpointing: bool = False,
         variant: str = "paper",
         init: str | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise InputError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -187,7 +191,7 @@ class RGFlow(nn.Module):
         return f"variant={self.variant!r}, prior={self.prior.name!r}, backend={self.backend!r}"
 
     # ----------------------------------------------------------------- checks
-    def check_images(self, x, name: str, check_finite: bool):
+    def check_images(self, x: torch.Tensor, name: str, check_finite: bool) -> None:
         """Check that ``x`` is a ``(B, C, L, L)`` tensor this model can take, else raise.
 
         ``TypeError`` for a non-tensor or a dtype other than the parameters'; ``ValueError``
@@ -220,7 +224,7 @@ class RGFlow(nn.Module):
                 raise InputError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite values")
 
     # ----------------------------------------------------------------- flow
-    def encode(self, x: torch.Tensor):
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, C, L, L) -> (z (B, C, L, L), logdet (B,))`` with ``logdet = log|det dz/dx|``."""
         self.check_images(x, "x", check_finite=True)
         backend = ops.resolve_backend(self.backend, x)
@@ -247,7 +251,8 @@ class RGFlow(nn.Module):
     #: float32 range through the decode (a Laplace draw times 1e4 is below 1e6 in magnitude).
     MAX_TEMPERATURE = 1e4
 
-    def temperature_map(self, temperature, device=None, dtype=torch.float32) -> torch.Tensor:
+    def temperature_map(self, temperature: Temperature, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Per-latent temperature ``(C, L, L)`` from a float or one temperature per level (len H).
 
         Each temperature is a real number in ``[0, MAX_TEMPERATURE]``; strings are refused
@@ -256,7 +261,7 @@ class RGFlow(nn.Module):
         H = self.num_levels
         expected = f"temperature must be a float or a sequence of {H} floats (one per RG level), got {temperature!r}"
 
-        def number(t):
+        def number(t: object) -> float:
             if isinstance(t, torch.Tensor) and t.dim() == 0:
                 t = t.item()
             if isinstance(t, numbers.Real) and not isinstance(t, bool):
@@ -285,7 +290,8 @@ class RGFlow(nn.Module):
         table = torch.tensor(per_level, dtype=dtype, device=device)
         return table[self.geometry.latent_level_of_elements(device)]
 
-    def sample_latents(self, n: int, temperature=1.0, generator=None, device=None, dtype=None) -> torch.Tensor:
+    def sample_latents(self, n: int, temperature: Temperature = 1.0, generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Draw ``(n, C, L, L)`` latents from the prior at a temperature (float or one per level).
 
         Sample ``i`` gets the ``i``-th draw from ``generator``: drawing ``a`` then ``b``
@@ -307,7 +313,8 @@ class RGFlow(nn.Module):
             return torch.cat(draws)
         return self.prior.sample((n, *shape), temps, generator=generator, device=device, dtype=dtype)
 
-    def sample(self, n: int, temperature=1.0, generator=None, batch_size: int | None = None) -> torch.Tensor:
+    def sample(self, n: int, temperature: Temperature = 1.0, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> torch.Tensor:
         """``n`` samples ``(n, C, L, L)`` in model space; temperature: float or one per level.
 
         With ``batch_size`` the latents are drawn and decoded in chunks of that many samples

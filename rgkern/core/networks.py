@@ -17,6 +17,11 @@ sublayer and stacked tensor (one op, not one per linear), casts the weights once
 autocast, and runs the ``s`` and ``t`` networks of a half-step together: each layer is one
 batched GEMM (``torch.baddbmm``) on a ``(2, N, width)`` stack, with the residual
 ``(x + f(x)) / sqrt(2)`` folded into the GEMM of the block's last linear.
+
+Those per-pass tensors differ by path: :meth:`CouplingNetworks.prepared_torch` gives a
+:class:`PreparedTorchNetworks` (checkerboard order, for :meth:`CouplingNetworks.run`),
+:meth:`CouplingNetworks.prepared_fused` a :class:`PreparedFusedNetworks` (row order, the
+layout of the fused half-step kernels).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from torch.nn import functional as F
 
 from .errors import InputError
 
-__all__ = ["CouplingNetworks", "PreparedNetworks", "INITS", "SQRT_HALF", "NETWORKS"]
+__all__ = ["CouplingNetworks", "PreparedTorchNetworks", "PreparedFusedNetworks", "INITS", "SQRT_HALF", "NETWORKS"]
 
 SQRT_HALF = 1 / math.sqrt(2)
 NETWORKS = 2  # s and t
@@ -41,12 +46,73 @@ NETWORKS = 2  # s and t
 INITS = ("torch", "authors")
 
 
-def _autocast_dtype(device: torch.device):
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype active for ``device``'s type, or None."""
     kind = device.type
     if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
+
+
+class PreparedTorchNetworks(NamedTuple):
+    """This pass's tensors of the torch path (:meth:`CouplingNetworks.prepared_torch`), read by
+    :meth:`CouplingNetworks.run`.
+
+    Indexed by linear ``j = 0 .. n_mlp`` and ``i = pair * n_res + block``, weight-normalised,
+    every ``D``-wide axis in the geometry's checkerboard order, network 0 ``s`` and 1 ``t``:
+
+    * ``weights[j][i]`` ``(2, w_in, w_out)`` (transposed, for ``a @ w``);
+    * ``biases[j][i]`` ``(2, 1, w_out)``;
+    * ``slopes[j][i]`` ``(2, 1, w_in)``;
+    * ``residual_scales[pair]`` ``(2, 1, D)``: the coupling's ``s`` and ``t`` scales times
+      1/sqrt(2), for the residual of the pair's last block; None with one block per pair;
+    * ``dtype``: the autocast dtype all of them were cast to, or None.
+
+    The last linear of every block carries the residual's 1/sqrt(2); that of each pair's last
+    block also the coupling's ``s`` and ``t`` scales.
+    """
+
+    weights: tuple[tuple[torch.Tensor, ...], ...]
+    biases: tuple[tuple[torch.Tensor, ...], ...]
+    slopes: tuple[tuple[torch.Tensor, ...], ...]
+    residual_scales: tuple[torch.Tensor, ...] | None
+    dtype: torch.dtype | None
+
+
+class PreparedFusedNetworks(NamedTuple):
+    """This pass's tensors of the fused path (:meth:`CouplingNetworks.prepared_fused`), the
+    layout of the fused half-step kernels (``backend="triton"``).
+
+    In row order (not permuted), the last linear of every block carrying the residual's
+    1/sqrt(2); ``P`` pairs, ``R = n_res``, network 0 ``s`` and 1 ``t``:
+
+    * ``stacked``: one :class:`~rgkern.kernels.coupling.HalfStepWeights` of all pairs
+      (:meth:`~rgkern.core.sublayer.Sublayer.forward_fused`): weights ``(P, R, 2, w_out, w_in)``,
+      biases ``(P, R, 2, w_out)``, slopes ``(P, R, 2, w_in)``; the ``n_mlp - 1`` mid linears
+      stacked after the pair dimension (``w_mid`` ``(P, n_mlp - 1, R, 2, hidden, hidden)``), the
+      first and mid entries None where ``n_mlp`` leaves none;
+    * ``half_steps[pair]``: the pair's :class:`~rgkern.kernels.coupling.HalfStepWeights`, its
+      slices of ``stacked`` (:meth:`~rgkern.core.sublayer.Sublayer.coupling` on rows);
+    * ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)``: the coupling's scales;
+    * ``dtype``: the autocast dtype the weights were cast to (biases and slopes keep theirs),
+      or None.
+    """
+
+    stacked: tuple  # a HalfStepWeights (imported only when the kernels run: they import Triton)
+    half_steps: tuple[tuple, ...]  # one HalfStepWeights per pair
+    s_scales: tuple[torch.Tensor, ...]
+    t_scales: tuple[torch.Tensor, ...]
+    dtype: torch.dtype | None
+
+
+def _by_kind(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(first, mid, last) of the per-linear ``tensors``: the mid linears stacked on a new
+    dimension after the pair (the layout of :class:`~rgkern.kernels.coupling.HalfStepWeights`)."""
+    if len(tensors) == 1:
+        return None, None, tensors[0]
+    mids = tensors[1:-1]
+    mid = None if not mids else torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)
+    return tensors[0], mid, tensors[-1]
 
 
 class CouplingNetworks(nn.Module):
@@ -59,7 +125,7 @@ class CouplingNetworks(nn.Module):
     output scales at 0, so every half-step starts as the identity.
     """
 
-    def __init__(self, pairs: int, dim: int, hidden: int, n_res: int, n_mlp: int, init: str = "torch"):
+    def __init__(self, pairs: int, dim: int, hidden: int, n_res: int, n_mlp: int, init: str = "torch") -> None:
         super().__init__()
         if init not in INITS:
             raise InputError(f"unknown init {init!r}; expected one of {INITS}")
@@ -85,107 +151,93 @@ class CouplingNetworks(nn.Module):
     def extra_repr(self) -> str:
         return f"pairs={self.pairs}, dim={self.dim}, n_res={self.n_res}, n_mlp={self.n_mlp}"
 
-    def prepared(self, device: torch.device, fused: bool = False, order: torch.Tensor | None = None) -> "PreparedNetworks":
-        """The per-pass tensors of :meth:`run` (see :class:`PreparedNetworks`).
+    def prepared_torch(self, device: torch.device, checkerboard_order: torch.Tensor) -> PreparedTorchNetworks:
+        """This pass's tensors for :meth:`run` (the torch path; see :class:`PreparedTorchNetworks`).
 
         The weight norm runs once per stacked tensor (``torch._weight_norm`` over the input
         dimension of each output row, as ``nn.utils.weight_norm(nn.Linear)`` does). Under
-        autocast the results are cast to the autocast dtype here, once per pass, so the
-        GEMMs do not cast them per call (with ``fused`` only the weights). With ``fused`` the tensors come as one
-        :class:`~rgkern.kernels.coupling.HalfStepWeights` per pair, the layout of
-        the fused half-step kernels (``backend="triton"``). Without, ``order`` (the
-        geometry's :meth:`~rgkern.core.geometry.Geometry.checkerboard_order`, required)
+        autocast on ``device`` the weights, biases and slopes are cast to the autocast dtype
+        here, once per pass, so the GEMMs do not cast them per call. ``checkerboard_order``
+        (``(D,)``, the geometry's :meth:`~rgkern.core.geometry.Geometry.checkerboard_order`)
         permutes every ``D``-wide axis (the first linear's inputs and slopes, the last
         linear's outputs and biases) into the order of the rows :meth:`run` reads, and the
         coupling's ``s`` and ``t`` scales are folded into the weight-norm magnitudes and biases
         of each pair's last linear (``scale * (a @ W + B) = a @ (scale * W) + scale * B``), so
         that :meth:`run` returns ``s`` and ``t`` scaled, with no element-wise pass of its own.
         """
-        if not fused and order is None:
-            raise InputError("prepared() without fused needs the checkerboard order of the rows (Geometry.checkerboard_order)")
         cast = _autocast_dtype(device)
         weights, biases, slopes = [], [], []
         last = len(self.directions) - 1
-        if not fused:
-            # (P, 2, D): the coupling's s and t scales, folded into the outputs of each pair's
-            # last linear (see run), so that s_raw and t_raw come out scaled.
-            scales = torch.stack((self.s_scale, self.t_scale), dim=1)
-            out_scales = scales[:, None, :, :, None] * SQRT_HALF
-            if self.n_res > 1:  # the other blocks' last linears only carry the residual's 1/sqrt(2)
-                out_scales = torch.cat((out_scales.new_full((self.pairs, self.n_res - 1, NETWORKS, self.dim, 1), SQRT_HALF), out_scales), dim=1)
+        # (P, 2, D): the coupling's s and t scales, folded into the outputs of each pair's
+        # last linear (see run), so that s_raw and t_raw come out scaled.
+        scales = torch.stack((self.s_scale, self.t_scale), dim=1)
+        out_scales = scales[:, None, :, :, None] * SQRT_HALF
+        if self.n_res > 1:  # the other blocks' last linears only carry the residual's 1/sqrt(2)
+            out_scales = torch.cat((out_scales.new_full((self.pairs, self.n_res - 1, NETWORKS, self.dim, 1), SQRT_HALF), out_scales), dim=1)
         for j, (v, g, b, slope) in enumerate(zip(self.directions, self.magnitudes, self.biases, self.slopes)):
             w_out, w_in = v.shape[-2:]
             if j == last:
                 # The residual's 1/sqrt(2) is folded into the last linear of each block (see run).
-                if fused:
-                    g, b = g * SQRT_HALF, b * SQRT_HALF
-                else:
-                    g, b = g * out_scales, b * out_scales.transpose(-1, -2)
+                g, b = g * out_scales, b * out_scales.transpose(-1, -2)
             w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
             if cast is not None:
-                # The fused kernels read biases and slopes in float32 anyway: only their
-                # tl.dot operands, the weights, are cast.
-                w = w.to(cast)
-                if not fused:
-                    b, slope = b.to(cast), slope.to(cast)
-            if fused:
-                lead = (self.pairs, self.n_res, NETWORKS)
-                weights.append(w.view(*lead, w_out, w_in))
-                biases.append(b.view(*lead, w_out))
-                slopes.append(slope.view(*lead, w_in))
-                continue
+                w, b, slope = w.to(cast), b.to(cast), slope.to(cast)
             w, b, slope = w.view(-1, NETWORKS, w_out, w_in), b.view(-1, NETWORKS, 1, w_out), slope.view(-1, NETWORKS, 1, w_in)
             if j == 0:
-                w, slope = w.index_select(-1, order), slope.index_select(-1, order)
+                w, slope = w.index_select(-1, checkerboard_order), slope.index_select(-1, checkerboard_order)
             if j == last:
-                w, b = w.index_select(-2, order), b.index_select(-1, order)
+                w, b = w.index_select(-2, checkerboard_order), b.index_select(-1, checkerboard_order)
             # One unbind per tensor: its backward is one stack, where indexing per half-step
             # would give one full-size select_backward per use.
             weights.append(w.transpose(-1, -2).unbind(0))
             biases.append(b.unbind(0))
             slopes.append(slope.unbind(0))
-        if fused:
-            stacked = self._stacked(weights, biases, slopes)
-            return PreparedNetworks(None, None, None, self.s_scale.unbind(0), self.t_scale.unbind(0), cast,
-                                    self._half_steps(stacked), stacked)
         residual_scales = None
         if self.n_res > 1:  # the last block's residual, scaled like its linear
-            residual_scales = (scales * SQRT_HALF).index_select(-1, order).unsqueeze(-2)
+            residual_scales = (scales * SQRT_HALF).index_select(-1, checkerboard_order).unsqueeze(-2)
             residual_scales = (residual_scales if cast is None else residual_scales.to(cast)).unbind(0)
-        return PreparedNetworks(weights, biases, slopes, None, None, cast, residual_scales=residual_scales)
+        return PreparedTorchNetworks(tuple(weights), tuple(biases), tuple(slopes), residual_scales, cast)
 
-    def _stacked(self, weights, biases, slopes):
-        """One :class:`HalfStepWeights` of all pairs, each tensor with a leading pair dimension
-        (:func:`rgkern.kernels.coupling.sublayer_couplings_forward`'s layout)."""
-        from ..kernels.coupling import HalfStepWeights
+    def prepared_fused(self, device: torch.device) -> PreparedFusedNetworks:
+        """This pass's tensors for the fused half-step kernels (``backend="triton"``; see
+        :class:`PreparedFusedNetworks`), in row order.
 
-        def kinds(tensors):
-            """(first, mid, last): the mid linears stacked on a new dimension after the pair."""
-            if len(tensors) == 1:
-                return None, None, tensors[0]
-            mids = tensors[1:-1]
-            mid = None if not mids else torch.stack(mids, 1) if len(mids) > 1 else mids[0].unsqueeze(1)
-            return tensors[0], mid, tensors[-1]
+        The weight norm runs once per stacked tensor, as in :meth:`prepared_torch`, and the
+        residual's 1/sqrt(2) is folded into each block's last linear. Under autocast on
+        ``device`` only the weights are cast: the fused kernels read biases and slopes in
+        float32 anyway, and the weights are their only ``tl.dot`` operands.
+        """
+        from ..kernels.coupling import HalfStepWeights  # the one import of the kernels (lazy: they import Triton)
 
+        cast = _autocast_dtype(device)
+        lead = (self.pairs, self.n_res, NETWORKS)
+        weights, biases, slopes = [], [], []
+        last = len(self.directions) - 1
+        for j, (v, g, b, slope) in enumerate(zip(self.directions, self.magnitudes, self.biases, self.slopes)):
+            w_out, w_in = v.shape[-2:]
+            if j == last:
+                g, b = g * SQRT_HALF, b * SQRT_HALF
+            w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
+            if cast is not None:
+                w = w.to(cast)
+            weights.append(w.view(*lead, w_out, w_in))
+            biases.append(b.view(*lead, w_out))
+            slopes.append(slope.view(*lead, w_in))
         (w_first, w_mid, w_last), (b_first, b_mid, b_last), (s_first, s_mid, s_last) = (
-            kinds(weights), kinds(biases), kinds(slopes)
+            _by_kind(weights), _by_kind(biases), _by_kind(slopes)
         )
-        return HalfStepWeights(w_first, b_first, s_first, w_mid, b_mid, s_mid, w_last, b_last, s_last)
-
-    def _half_steps(self, stacked) -> tuple:
-        """Per pair, the :class:`HalfStepWeights` of its slices of the ``stacked`` tensors (one
-        unbind per tensor: its backward is one stack, where indexing per pair would give one
-        full-size select_backward per use)."""
-        from ..kernels.coupling import HalfStepWeights
-
+        stacked = HalfStepWeights(w_first, b_first, s_first, w_mid, b_mid, s_mid, w_last, b_last, s_last)
+        # Per pair, its slices of the stacked tensors: one unbind per tensor (its backward is
+        # one stack, where indexing per pair would give one full-size select_backward per use).
         per_tensor = [(None,) * self.pairs if t is None else t.unbind(0) for t in stacked]
-        return tuple(HalfStepWeights(*(tensors[p] for tensors in per_tensor)) for p in range(self.pairs))
+        half_steps = tuple(HalfStepWeights(*(tensors[p] for tensors in per_tensor)) for p in range(self.pairs))
+        return PreparedFusedNetworks(stacked, half_steps, self.s_scale.unbind(0), self.t_scale.unbind(0), cast)
 
-    def run(self, conditioner: torch.Tensor, pair: int, prepared: "PreparedNetworks", flipped: bool) -> torch.Tensor:
+    def run(self, conditioner: torch.Tensor, pair: int, prepared: PreparedTorchNetworks, flipped: bool) -> torch.Tensor:
         """``s_raw`` and ``t_raw`` stacked ``(2, N, D/2)`` of half-step ``pair``, times their
         scales (``s_scale``, ``t_scale``), on the half it updates.
 
-        The rows are in the checkerboard order of :meth:`prepared`: the conditioning half
+        The rows are in the checkerboard order of :meth:`prepared_torch`: the conditioning half
         (``conditioner`` ``(N, D/2)``) is the first ``D/2`` entries, or the last with
         ``flipped``, and the updated half the others. The networks' input is the masked row,
         zero outside the conditioning half, so the first linear reads only those inputs; the
@@ -212,9 +264,9 @@ class CouplingNetworks(nn.Module):
                     h = torch.baddbmm(b, a, w)
                     continue
                 # (x + a @ W + B) / sqrt(2) = (b + x / sqrt(2)) + a @ w with the block's
-                # last w = W / sqrt(2) and b = B / sqrt(2) from prepared() (on the last block
-                # also times the s and t scales, and so its residual). The first block's x is
-                # the conditioning half alone: zero on the updated half.
+                # last w = W / sqrt(2) and b = B / sqrt(2) from prepared_torch() (on the last
+                # block also times the s and t scales, and so its residual). The first block's
+                # x is the conditioning half alone: zero on the updated half.
                 if i == first_block and i == last_block:
                     base = b
                 elif i == first_block:
@@ -225,30 +277,3 @@ class CouplingNetworks(nn.Module):
                     base = torch.add(b, x, alpha=SQRT_HALF)
                 x = torch.baddbmm(base, a, w)
         return x
-
-
-class PreparedNetworks(NamedTuple):
-    """Per-pass tensors of :class:`CouplingNetworks` (:meth:`CouplingNetworks.prepared`).
-
-    ``dtype``: the autocast dtype the tensors were cast to, or None. The torch path
-    (``fused=False``): ``weights[j][i]`` ``(2, w_in, w_out)`` weight-normalised, ``biases[j][i]``
-    ``(2, 1, w_out)``, ``slopes[j][i]`` ``(2, 1, w_in)``, indexed by linear ``j`` and ``i =
-    pair * n_res + block``, every ``D``-wide axis in the checkerboard order, the last linears
-    carrying the residual's 1/sqrt(2) and, on each pair's last block, the coupling's s and t
-    scales; ``residual_scales[pair]`` ``(2, 1, D)``: those scales times 1/sqrt(2), for the last
-    block's residual (None with one block). The fused path (row order, the last linears
-    carrying 1/sqrt(2)): ``half_steps[pair]`` holds the pair's
-    :class:`~rgkern.kernels.coupling.HalfStepWeights`, ``stacked`` one of all pairs
-    (a leading pair dimension; :meth:`Sublayer.forward_fused`) and ``s_scales[pair]``,
-    ``t_scales[pair]`` ``(D,)`` the scales. Fields of the other path are None.
-    """
-
-    weights: list | None
-    biases: list | None
-    slopes: list | None
-    s_scales: tuple | None
-    t_scales: tuple | None
-    dtype: torch.dtype | None
-    half_steps: tuple | None = None
-    stacked: object = None
-    residual_scales: tuple | None = None

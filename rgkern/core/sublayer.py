@@ -12,10 +12,16 @@ from torch.utils.checkpoint import checkpoint
 from . import ops, reference
 from .errors import InputError
 from .geometry import Geometry
-from .networks import CouplingNetworks, PreparedNetworks
+from .networks import CouplingNetworks, PreparedFusedNetworks, PreparedTorchNetworks
 from .precision import accumulator_dtype
 
-__all__ = ["Sublayer"]
+__all__ = ["Sublayer", "Rows", "Prepared"]
+
+#: Patch rows as a half-step reads them: ``(N, D)`` in row order for ``"triton"``, the two
+#: ``(N, D/2)`` halves in the checkerboard order for ``"torch"`` (:meth:`Sublayer.coupling`).
+Rows = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+#: A pass's prepared networks, of the path of its backend (:meth:`Sublayer.prepared`).
+Prepared = PreparedTorchNetworks | PreparedFusedNetworks
 
 
 class Sublayer(nn.Module):
@@ -31,7 +37,7 @@ class Sublayer(nn.Module):
     """
 
     def __init__(self, geometry: Geometry, index: int, n_layers: int, hidden: int, n_res: int, n_mlp: int,
-                 networks_per_block: int = 2, init: str = "torch"):
+                 networks_per_block: int = 2, init: str = "torch") -> None:
         super().__init__()
         if networks_per_block not in (1, 2):
             raise InputError(f"networks_per_block must be 1 or 2, got {networks_per_block!r}")
@@ -45,13 +51,16 @@ class Sublayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.geometry.sublayers[self.index].name}, blocks={self.num_blocks}"
 
-    def prepared(self, device: torch.device, backend: str) -> PreparedNetworks:
-        """This pass's :meth:`CouplingNetworks.prepared` for ``backend`` (``"torch"`` or ``"triton"``)."""
+    def prepared(self, device: torch.device, backend: str) -> Prepared:
+        """This pass's networks for ``backend``: :meth:`CouplingNetworks.prepared_fused` for
+        ``"triton"``, :meth:`CouplingNetworks.prepared_torch` in the geometry's checkerboard
+        order for ``"torch"``."""
         if backend == "triton":
-            return self.networks.prepared(device, fused=True)
-        return self.networks.prepared(device, order=self.geometry.checkerboard_order(device))
+            return self.networks.prepared_fused(device)
+        return self.networks.prepared_torch(device, self.geometry.checkerboard_order(device))
 
-    def coupling(self, rows, step: int, inverse: bool, backend: str, prepared=None):
+    def coupling(self, rows: Rows, step: int, inverse: bool, backend: str,
+                 prepared: Prepared | None = None) -> tuple[Rows, torch.Tensor]:
         """Coupling half-step ``step`` (``2 * block + flipped``) on patch rows.
 
         ``rows`` in the layout of ``backend``: for ``"triton"`` a tensor ``(N, D)`` in row
@@ -66,7 +75,7 @@ class Sublayer(nn.Module):
             prepared = self.prepared(self.networks.s_scale.device, backend)
         block, flipped = divmod(step, 2)
         pair = step if self.networks_per_block == 2 else block
-        if prepared.half_steps is not None:
+        if isinstance(prepared, PreparedFusedNetworks):
             mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(flipped))
             return ops.coupling_half_step(rows, mask, prepared.s_scales[pair], prepared.t_scales[pair],
                                           prepared.half_steps[pair], inverse, backend)
@@ -78,18 +87,19 @@ class Sublayer(nn.Module):
         updated, logdet = reference.affine_update(free, s_pre, t, inverse)
         return ((updated, conditioner) if flipped else (conditioner, updated)), logdet
 
-    def _block(self, rows, logdet, block: int, inverse: bool, backend: str, prepared):
+    def _block(self, rows: Rows, logdet: torch.Tensor, block: int, inverse: bool, backend: str,
+               prepared: Prepared) -> tuple[Rows, torch.Tensor]:
         """The two half-steps of RNVP block ``block`` (in reverse for the inverse)."""
         for flipped in (1, 0) if inverse else (0, 1):
             rows, ld = self.coupling(rows, 2 * block + flipped, inverse, backend, prepared)
             logdet = logdet + ld
         return rows, logdet
 
-    def _blocks(self, rows: torch.Tensor, inverse: bool, backend: str):
+    def _blocks(self, rows: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The block stack on rows ``(N, D)``: row order for ``"triton"``, checkerboard order for ``"torch"``."""
         prepared = self.prepared(rows.device, backend)
         logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
-        fused = prepared.half_steps is not None
+        fused = isinstance(prepared, PreparedFusedNetworks)
         # The torch path carries the two halves apart (coupling), joined once at the end.
         state = rows if fused else rows.split(rows.shape[1] // 2, dim=1)
         blocks = range(self.num_blocks - 1, -1, -1) if inverse else range(self.num_blocks)
@@ -101,14 +111,16 @@ class Sublayer(nn.Module):
                 state, logdet = self._block(state, logdet, block, inverse, backend, prepared)
         return (state if fused else torch.cat(state, dim=1)), logdet
 
-    def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str):
+    def transform_rows(self, rows: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the block stack on patch rows ``(N, D)`` in row order; returns rows and per-row log-det ``(N,)``."""
         if backend == "triton":
             return self._blocks(rows, inverse, backend)
         rows, logdet = self._blocks(rows.index_select(1, self.geometry.checkerboard_order(rows.device)), inverse, backend)
         return rows.index_select(1, self.geometry.checkerboard_order(rows.device, inverse=True)), logdet
 
-    def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch"):
+    def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """The sublayer on images ``x`` ``(B, C, L, L)``: the new images and the log-det ``(B,)``
+        (its inverse with ``inverse``; ``backend`` ``"torch"`` or ``"triton"``)."""
         if backend == "triton" and self.num_blocks > 0:
             return self.forward_fused(x, inverse)
         # The torch path gathers the rows straight into its checkerboard order.
@@ -118,14 +130,14 @@ class Sublayer(nn.Module):
         rows, logdet = self._blocks(rows, inverse, backend)
         return ops.scatter_patches(x, rows, row_index, backend), logdet.view(x.shape[0], -1).sum(dim=1)
 
-    def forward_fused(self, x: torch.Tensor, inverse: bool = False):
+    def forward_fused(self, x: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` with the Triton kernels on whole images: ``2 * n_layers`` launches,
         the first half-step gathering the patches, the last scattering them back (pixels no
         patch covers come through), the log-det summed in the kernels
         (:func:`rgkern.core.ops.sublayer_couplings`). With activation checkpointing the
         backward recomputes each half-step's activations instead of keeping them."""
         geometry, networks = self.geometry, self.networks
-        prepared = networks.prepared(x.device, fused=True)
+        prepared = networks.prepared_fused(x.device)
         masks = [geometry.coupling_mask(x.device, x.dtype, flipped=flipped) for flipped in (False, True)]
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse
         return ops.sublayer_couplings(x, geometry.row_index(self.index, x.device), *masks, networks.s_scale,

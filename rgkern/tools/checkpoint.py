@@ -38,7 +38,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -83,7 +83,7 @@ PRETRAINED_PREFIX = "pretrained:"
 _PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
 
-def pretrained_names() -> list:
+def pretrained_names() -> list[str]:
     """The names of the pretrained models shipped with the package, sorted (``"msds1-cpu"``, ...)."""
     return sorted(path.stem for path in _PRETRAINED_DIR.glob("*.safetensors"))
 
@@ -105,7 +105,7 @@ def pretrained_path(name: str) -> Path:
     return _PRETRAINED_DIR / f"{bare}.safetensors"
 
 
-def resolve_checkpoint(path) -> Path:
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` as a file path: ``"pretrained:NAME"`` becomes the shipped file (:func:`pretrained_path`), anything else ``Path(path)``."""
     if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
         return pretrained_path(path)
@@ -116,7 +116,7 @@ def _json_sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _listing(names, limit: int = _SHOWN) -> str:
+def _listing(names: Iterable[str], limit: int = _SHOWN) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
@@ -134,7 +134,7 @@ def _table_checksum(table: dict) -> str:
     return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
 
 
-def _non_finite(tensors: dict, prefixes=("model.", "optim.")) -> list:
+def _non_finite(tensors: dict, prefixes: tuple[str, ...] = ("model.", "optim.")) -> list[str]:
     """``["name (k of n values)", ...]`` for floating tensors under ``prefixes`` holding NaN or inf."""
     bad = []
     for name, value in tensors.items():
@@ -145,7 +145,8 @@ def _non_finite(tensors: dict, prefixes=("model.", "optim.")) -> list:
     return bad
 
 
-def save_checkpoint(path, model, optimizer=None, step: int = 0, info: dict | None = None, extra_tensors=None) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: RGFlow, optimizer: torch.optim.Optimizer | None = None, step: int = 0,
+                    info: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (and optionally ``optimizer``) to ``path`` (a ``.safetensors`` file).
 
     Returns the path written. ``info`` must be JSON-serialisable; ``extra_tensors`` is a dict
@@ -194,7 +195,7 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, info: dict | Non
     return path
 
 
-def _open_metadata(path: Path, with_tensors: bool):
+def _open_metadata(path: Path, with_tensors: bool) -> tuple[dict, dict | None]:
     """``(metadata dict, tensors dict or None)`` of a safetensors file, or CheckpointError."""
     from safetensors import safe_open
 
@@ -284,21 +285,21 @@ def _verify(path: Path, metadata: dict, document: dict, tensors: dict) -> bool:
     return verified
 
 
-def _read(path: Path):
+def _read(path: Path) -> tuple[dict, dict]:
     metadata, tensors = _open_metadata(path, with_tensors=True)
     document = _parse_document(path, metadata)
     document["_verified"] = _verify(path, metadata, document, tensors)
     return document, tensors
 
 
-def read_document(path) -> dict:
+def read_document(path: str | os.PathLike) -> dict:
     """The ``rgkern`` metadata document of checkpoint ``path`` (no tensor is read or checked)."""
     path = resolve_checkpoint(path)
     metadata, _ = _open_metadata(path, with_tensors=False)
     return _parse_document(path, metadata)
 
 
-def repair_sidecar(path) -> bool:
+def repair_sidecar(path: str | os.PathLike) -> bool:
     """Rewrite ``model.json`` beside checkpoint ``path`` from the checkpoint when it differs.
 
     ``model.json`` is a copy of the checkpoint's ``rgkern`` document; a run killed between
@@ -341,7 +342,7 @@ def _with_defaults(config: dict) -> dict:
     return full
 
 
-def _build_model(path: Path, config: dict):
+def _build_model(path: Path, config: dict) -> RGFlow:
     from ..core.model import RGFlow
 
     try:
@@ -368,7 +369,7 @@ def _shape_differences(expected: dict, found: dict) -> list:
     return parts
 
 
-def _check_device(device) -> torch.device:
+def _check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device that can hold tensors here, or InputError naming it."""
     try:
         device = torch.device(device)
@@ -386,7 +387,8 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, model: RGFlow | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    map_location: str | torch.device = "cpu") -> dict:
     """Load ``path`` into ``model`` (built from the stored config, in the stored dtype, when ``None``) and ``optimizer``.
 
     Returns a dict with ``model``, ``config``, ``step``, ``info``, ``extra_tensors`` and
@@ -457,7 +459,7 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
     }
 
 
-def _load_optimizer(path: Path, optimizer, document: dict, tensors: dict) -> None:
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, document: dict, tensors: dict) -> None:
     groups = document.get("optimizer_param_groups")
     if groups is None:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no optimiser state")
@@ -487,7 +489,7 @@ def _load_optimizer(path: Path, optimizer, document: dict, tensors: dict) -> Non
         raise CheckpointError(f"checkpoint {str(path)!r}: its optimiser state does not fit this optimiser ({error})") from None
 
 
-def load_model(path, device="cpu", backend="auto"):
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto") -> RGFlow:
     """An :class:`rgkern.RGFlow` rebuilt from the checkpoint at ``path`` (or ``"pretrained:NAME"``), in eval mode.
 
     ``backend="triton"`` on a device other than CUDA (without ``TRITON_INTERPRET=1``) is
@@ -510,7 +512,7 @@ def load_model(path, device="cpu", backend="auto"):
     return model.eval()
 
 
-def load_pretrained(name: str, device="cpu", backend="auto"):
+def load_pretrained(name: str, device: str | torch.device = "cpu", backend: str = "auto") -> RGFlow:
     """The shipped pretrained model ``name`` (e.g. ``"msds1-cpu"``; see :func:`pretrained_names`), as :func:`load_model` gives it."""
     return load_model(pretrained_path(name), device=device, backend=backend)
 
@@ -526,7 +528,7 @@ def is_legacy_state_dict(state: dict) -> bool:
     return any(".halves." in key for key in state)
 
 
-def convert_legacy_state_dict(state: dict, model: RGFlow) -> dict:
+def convert_legacy_state_dict(state: dict[str, torch.Tensor], model: RGFlow) -> dict[str, torch.Tensor]:
     """Map a state dict of the first layout (checkpoint format 1) onto ``model``'s stacked layout.
 
     The first layout had, per half-step ``h`` of block ``b`` of sublayer ``s``,
