@@ -24,12 +24,12 @@ Conventions (DESIGN.md section 1, paper eq. 6-9):
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .cache import BoundedCache
 from .errors import InputError, InputTypeError
 
 __all__ = ["SublayerGeometry", "Geometry", "get_geometry", "check_image_size", "num_levels", "SUBLAYER_ORDERS"]
@@ -39,6 +39,9 @@ DECIMATOR = "decimator"
 
 #: The two sublayers of a level, in x -> z order, for each ordering convention.
 SUBLAYER_ORDERS = {"paper": (DISENTANGLER, DECIMATOR), "authors": (DECIMATOR, DISENTANGLER)}
+# Cache sizes (rgkern.core.cache): shared geometries, and per geometry its device tables and cones.
+GEOMETRY_CACHE_SIZE = 64
+TABLE_CACHE_SIZE = 256
 
 
 def check_order(order) -> str:
@@ -155,8 +158,8 @@ class Geometry:
         checker = ((ab[:, None] + ab[None, :]) % 2 == 0).to(torch.float64).flatten()
         self.mask = checker.repeat(channels)
 
-        self._device_cache: dict = {}
-        self._cone_cache: dict = {}
+        self._device_cache = BoundedCache(TABLE_CACHE_SIZE)
+        self._cone_cache = BoundedCache(TABLE_CACHE_SIZE)
 
     def __repr__(self) -> str:
         return (
@@ -264,8 +267,6 @@ class Geometry:
             cone, patches = self._propagate(mask, order)
             if direction == "generation":
                 patches = patches[::-1]
-            if len(self._cone_cache) > 256:
-                self._cone_cache.clear()
             hit = self._cone_cache[key] = (cone, patches)
         return hit
 
@@ -303,10 +304,13 @@ def get_geometry(image_size: int, kernel_size: int = 4, channels: int = 3, order
     return _shared_geometry(image_size, kernel_size, channels, order)
 
 
-@functools.lru_cache(maxsize=None)
+_GEOMETRIES = BoundedCache(GEOMETRY_CACHE_SIZE)
+
+
 def _shared_geometry(image_size, kernel_size, channels, order) -> Geometry:
     # Called with positional arguments only, so that one geometry has one cache entry.
-    return Geometry(image_size, kernel_size, channels, order)
+    key = (image_size, kernel_size, channels, order)
+    return _GEOMETRIES.get_or_make(key, lambda: Geometry(*key))
 
 
-get_geometry.cache_clear = _shared_geometry.cache_clear
+get_geometry.cache_clear = _GEOMETRIES.clear

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import ops
+from ..core.cache import BoundedCache
 from ..core.errors import InputError, InputTypeError
 from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
@@ -90,7 +91,7 @@ class _CachedPass:
         self.geometry = model.geometry
         # Walking model.parameters() costs ~10 ms per call on a deep model; keep the list.
         self._parameters = list(model.parameters())
-        self._plans: dict = {}
+        self._plans = BoundedCache(PLAN_CACHE_SIZE)
         self.last_patch_evals = 0
         self.last_update_was_full = False
         self._full_pass(image.detach())
@@ -160,7 +161,7 @@ class _CachedPass:
         self._patch_logdets = patch_logdets
         self._recompute_logdet()
         self._fingerprint = _fingerprint(self._parameters)
-        self._derived: dict = {}
+        self._derived = BoundedCache(PLAN_CACHE_SIZE)
         self._consistent = True
 
     def _recompute_logdet(self) -> None:
@@ -185,8 +186,6 @@ class _CachedPass:
                 patches = self.geometry.inference_patches(mask_cpu)
             stages = [(s, patches[s]) for s in self._order()]
             plan = build_cone_plan(self.geometry, mask_cpu, stages, self._inverse, device)
-            if len(self._plans) >= PLAN_CACHE_SIZE:
-                self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         return plan
 
@@ -247,7 +246,7 @@ class _CachedPass:
             target.index_copy_(1, stage.row_index.flatten(), rows.reshape(batch, -1))
             self._patch_logdets[s].index_copy_(1, stage.patches, logdet.reshape(batch, -1))
         self._recompute_logdet()
-        self._derived = {}
+        self._derived.clear()
         self._consistent = True
         self.last_patch_evals, self.last_update_was_full = plan.patch_evals, False
         return self._output.clone()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from ..core import ops
+from ..core.cache import BoundedCache
 from ..core.errors import InputError
 from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
 __all__ = ["region_decode_plan", "decode_cone_values", "decode_region"]
 
-_REGION_PLANS: dict = {}
+_REGION_PLANS = BoundedCache(PLAN_CACHE_SIZE)
 
 
 def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
@@ -38,8 +39,6 @@ def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
         cone = geometry.inference_cone(mask_cpu)
         stages = [(s, patches[s]) for s in range(len(patches) - 1, -1, -1)]
         plan = build_cone_plan(geometry, cone, stages, inverse=True, device=device)
-        if len(_REGION_PLANS) >= PLAN_CACHE_SIZE:
-            _REGION_PLANS.pop(next(iter(_REGION_PLANS)))
         _REGION_PLANS[key] = plan
     return plan
 
