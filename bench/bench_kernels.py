@@ -149,39 +149,6 @@ def test_patches(benchmark, op, path, base_model, images, machine_limits):
     record(benchmark, machine_limits, images=BATCH, bytes_moved=moved)
 
 
-def coupling_inputs(base_model, images, requires_grad):
-    geometry = base_model.geometry
-    n_rows = BATCH * geometry.sublayers[0].num_patches
-    D = geometry.patch_dim
-    g = torch.Generator(images.device).manual_seed(2)
-    make = lambda *shape: torch.randn(*shape, device=images.device, generator=g).requires_grad_(requires_grad)  # noqa: E731
-    return [make(n_rows, D), make(n_rows, D), make(n_rows, D), make(D), make(D)], geometry.coupling_mask(images.device)
-
-
-@pytest.mark.parametrize("path", ["reference", "kernels"])
-@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
-def test_coupling_op(benchmark, direction, path, base_model, images, machine_limits):
-    benchmark.group = f"coupling_op_{direction}"
-    backend = BACKEND[path]
-    inputs, mask = coupling_inputs(base_model, images, requires_grad=direction == "fwd_bwd")
-    x = inputs[0]
-
-    def forward():
-        return ops.affine_coupling(*inputs, mask, False, backend)
-
-    def forward_backward():
-        y, logdet = forward()
-        torch.autograd.backward((y, logdet), (torch.ones_like(y), torch.ones_like(logdet)))
-        for t in inputs:
-            t.grad = None
-
-    timed(benchmark, forward if direction == "fwd" else forward_backward)
-    # Minimum traffic of the fused kernels: fwd reads x, s_raw, t_raw and writes y (+ log-det);
-    # bwd reads grad_y, x, s_raw, t_raw and writes three gradients.
-    elements = x.numel() * (4 if direction == "fwd" else 11)
-    record(benchmark, machine_limits, images=BATCH, bytes_moved=elements * x.element_size())
-
-
 @pytest.mark.parametrize("path", ["reference", "kernels"] + (["reference_compiled"] if COMPILE else []))
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_coupling_layer(benchmark, direction, path, base_model, images, machine_limits):

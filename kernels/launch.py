@@ -13,10 +13,11 @@ recording does.
 """
 import contextlib
 import dataclasses
-import os
 
 import torch
 import triton
+
+from .runtime import interpreter_requested
 
 __all__ = [
     "wrap_triton",
@@ -33,6 +34,7 @@ __all__ = [
     "record_launches",
     "recording",
     "record_only",
+    "watch_launches",
     "Launch",
     "TensorArgument",
 ]
@@ -50,11 +52,7 @@ INTERPRETER_TILE_ELEMENTS = 16384
 _gpu_block_requests = 0  # > 0 inside gpu_block_sizes()
 _recorders: list[dict] = []  # one ordered set of Launch per active record_launches()
 _record_only = 0  # > 0 inside record_only()
-
-
-def interpreter_requested() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_watchers: list = []  # the callbacks of the active watch_launches()
 
 
 def is_interpreted(kernel) -> bool:
@@ -199,14 +197,31 @@ def record_only():
         _record_only -= 1
 
 
+@contextlib.contextmanager
+def watch_launches(watcher):
+    """Inside this, every :func:`launch_kernel` launch runs inside ``watcher(kernel, args, kwargs)``.
+
+    ``watcher`` returns a context manager that is entered just before the launch and left just
+    after it (a launch not run, inside :func:`record_only`, enters it too): how
+    :mod:`rgkern.tools.profile` counts the Triton launches of a pass. Nests; not thread-local.
+    """
+    _watchers.append(watcher)
+    try:
+        yield
+    finally:
+        _watchers.remove(watcher)
+
+
 def launch_kernel(kernel, grid, *args, **kwargs):
     """``wrap_triton(kernel)[grid](*args, **kwargs)``, recorded when a :func:`record_launches` is
-    active (and only recorded inside :func:`record_only`)."""
+    active (and only recorded inside :func:`record_only`), watched by every :func:`watch_launches`."""
     if _recorders:
         launch = Launch(kernel, tuple(_describe(a) for a in args), tuple(sorted((k, _describe(v)) for k, v in kwargs.items())))
         for seen in _recorders:
             seen.setdefault(launch, None)
-    if _record_only:
-        return None
-    return wrap_triton(kernel)[grid](*args, **kwargs)
-
+    with contextlib.ExitStack() as watched:
+        for watcher in _watchers:
+            watched.enter_context(watcher(kernel, args, kwargs))
+        if _record_only:
+            return None
+        return wrap_triton(kernel)[grid](*args, **kwargs)

@@ -173,7 +173,7 @@ def test_python_dash_m_rgkern_help():
 
 
 # ----------------------------------------------------------------------------- extension subcommands
-def test_extension_modules_are_optional_but_import_errors_show(tmp_path, monkeypatch, capsys):
+def test_extension_modules_are_required_and_import_errors_show(tmp_path, monkeypatch, capsys):
     (tmp_path / "rgk_ext_ok.py").write_text(textwrap.dedent("""
         def add_cli(subparsers):
             parser = subparsers.add_parser("hello")
@@ -182,9 +182,12 @@ def test_extension_modules_are_optional_but_import_errors_show(tmp_path, monkeyp
     """))
     (tmp_path / "rgk_ext_broken.py").write_text("import rgk_no_such_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "EXTENSION_MODULES", ("rgk_ext_missing", "rgk_ext_ok"))
+    monkeypatch.setattr(cli, "EXTENSION_MODULES", ("rgk_ext_ok",))
     assert cli.main(["hello", "--name", "cli"]) == 0
     assert "hello cli" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "EXTENSION_MODULES", ("rgk_ext_missing", "rgk_ext_ok"))
+    with pytest.raises(ModuleNotFoundError, match="rgk_ext_missing"):  # a missing command module is a bug, not a skip
+        cli.build_parser()
     monkeypatch.setattr(cli, "EXTENSION_MODULES", ("rgk_ext_broken",))
     with pytest.raises(ModuleNotFoundError, match="rgk_no_such_dependency"):
         cli.build_parser()

@@ -14,7 +14,7 @@ import triton
 import triton.testing
 
 import rgkern
-from rgkern.core import functions as triton_ops
+from rgkern.kernels import coupling as triton_ops
 from rgkern.core import reference
 from rgkern.core.errors import InputError, InputTypeError
 from rgkern.core.geometry import get_geometry

@@ -2,7 +2,7 @@
 import torch
 
 from rgkern.core.geometry import get_geometry
-from rgkern.core import functions
+from rgkern.kernels import patches as functions
 from rgkern.tools.profile import GPUS, Work, count_work, format_table, profile_passes, roofline_seconds
 
 

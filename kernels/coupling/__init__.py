@@ -62,6 +62,7 @@ under autocast; float32 as TF32 unless ``torch.get_float32_matmul_precision()`` 
 """
 from .backward import coupling_half_step_bwd_kernel, coupling_weight_grad_kernel
 from .forward import coupling_half_step_fwd_kernel
+from .function import CouplingHalfStepFunction, SublayerCouplingsFunction, coupling_half_step, sublayer_couplings
 from .half_step import activation_shapes, coupling_half_step_backward, coupling_half_step_forward
 from .sublayer import half_step_order, sublayer_buffer_shapes, sublayer_couplings_backward, sublayer_couplings_forward
 from .tiles import (
@@ -80,6 +81,10 @@ from .tiles import (
 from .weights import HalfStepWeights, pair_weights
 
 __all__ = [
+    "coupling_half_step",
+    "sublayer_couplings",
+    "CouplingHalfStepFunction",
+    "SublayerCouplingsFunction",
     "coupling_half_step_fwd_kernel",
     "coupling_half_step_bwd_kernel",
     "coupling_weight_grad_kernel",

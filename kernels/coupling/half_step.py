@@ -14,13 +14,13 @@ from .tiles import (
     MAX_REGISTERS,
     WEIGHT_GRAD_MAX_ROWS,
     TileConfig,
-    _dot_tf32,
-    _dot_upcast,
-    _launch_with,
+    dot_tf32,
+    dot_upcast,
+    launch_with_candidates,
     choose_tiles,
     tile_candidates,
 )
-from .weights import HalfStepWeights, _present, _weight_grad_buffers, _with_slopes
+from .weights import HalfStepWeights
 
 
 def activation_shapes(n_rows: int, dim: int, weights: HalfStepWeights, save: bool) -> tuple[tuple, tuple]:
@@ -28,11 +28,11 @@ def activation_shapes(n_rows: int, dim: int, weights: HalfStepWeights, save: boo
     n_res, n_mlp = weights.n_res, weights.n_mlp
     stream_slots = n_res + 1 if save else 2
     hidden_slots = max(1, n_res * n_mlp if save else min(2, n_res * n_mlp))
-    hidden = (hidden_slots, 2, n_rows, weights.hidden) if n_mlp else (1,)
+    hidden = (hidden_slots, 2, n_rows, weights.hidden_width) if n_mlp else (1,)
     return (stream_slots, 2, n_rows, dim), hidden
 
 
-class _Patches(NamedTuple):
+class PatchTable(NamedTuple):
     """How a launch addresses images: the patch table ``(P, D)``, P, and the values per image."""
 
     row_index: torch.Tensor
@@ -45,15 +45,15 @@ def _half_step_constants(dim: int, weights: HalfStepWeights, inverse: bool, gath
     """The compile-time arguments the forward and backward half-step kernels share, and the launch options."""
     return dict(
         DIM=dim,
-        HIDDEN=weights.hidden,
+        HIDDEN=weights.hidden_width,
         HAS_HIDDEN=weights.n_mlp > 0,
         INVERSE=bool(inverse),
         GATHER=gather,
         SCATTER=scatter,
         COPY=copy,
         ACC_FP64=acc == torch.float64,
-        DOT_TF32=_dot_tf32(compute),
-        DOT_UPCAST=_dot_upcast(compute),
+        DOT_TF32=dot_tf32(compute),
+        DOT_UPCAST=dot_upcast(compute),
         SERIES_LIMIT=TANH_SERIES_LIMIT[acc],
         BLOCK_ROWS=tiles.block_rows,
         BLOCK_D=tiles.block_d,
@@ -64,8 +64,8 @@ def _half_step_constants(dim: int, weights: HalfStepWeights, inverse: bool, gath
     )
 
 
-def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool, streams, hidden, y, logdet,
-                    patches: Optional[_Patches] = None, gather=False, scatter=False, accumulate=False, copy_to=None):
+def launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool, streams, hidden, y, logdet,
+                    patches: Optional[PatchTable] = None, gather=False, scatter=False, accumulate=False, copy_to=None):
     """:func:`coupling_half_step_fwd_kernel` on ``n_rows = logdet.numel()`` > 0 rows, tiles by :func:`choose_tiles`.
 
     ``patches`` describes the images that ``x`` (``gather``) and ``y`` (``scatter``) are;
@@ -74,7 +74,7 @@ def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse
     n_rows, dim = logdet.shape[0], mask.shape[0]
     acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
-    w = _present(weights)
+    w = weights.present()
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
 
     def launch(tiles, streams=streams, hidden=hidden, y=y, logdet=logdet, copy_to=copy_to):
@@ -95,9 +95,9 @@ def _launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse
         scratch = [torch.empty_like(t) for t in (streams, hidden, y, logdet)]
         launch(tiles, *scratch, copy_to=None if copy_to is None else torch.empty_like(copy_to))
 
-    candidates = tile_candidates(n_rows, dim, weights.hidden, compute)
-    tiles = choose_tiles(("forward", compute, dim, weights.hidden, weights.n_mlp), candidates, trial, x)
-    _launch_with(launch, tiles, candidates)
+    candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute)
+    tiles = choose_tiles(("forward", compute, dim, weights.hidden_width, weights.n_mlp), candidates, trial, x)
+    launch_with_candidates(launch, tiles, candidates)
 
 
 def coupling_half_step_forward(
@@ -132,13 +132,13 @@ def coupling_half_step_forward(
     streams = empty(stream_shape, dtype=compute, device=x.device)
     hidden = empty(hidden_shape, dtype=compute, device=x.device)
     if n_rows > 0:
-        _launch_forward(x, mask, s_scale, t_scale, weights, inverse, streams, hidden, y, logdet)
+        launch_forward(x, mask, s_scale, t_scale, weights, inverse, streams, hidden, y, logdet)
     return y, logdet, streams, hidden
 
 
 
 
-class _PartialLayout(NamedTuple):
+class PartialLayout(NamedTuple):
     """Where the backward kernel's per-program partial sums go: a row of ``width`` values per
     program, holding ``pairs`` half-steps' worth of each kind (s_scale, t_scale, first, mid
     and last slopes) kind by kind, so that one sum over the rows gives every kind contiguous
@@ -157,41 +157,41 @@ class _PartialLayout(NamedTuple):
         return [sums[start:start + pairs * size].view(pairs, size) for start, size in zip(self.starts, self.sizes)]
 
 
-def _partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> _PartialLayout:
-    n_res, n_mid, n_mlp, hidden = weights.n_res, weights.n_mid, weights.n_mlp, weights.hidden
+def partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> PartialLayout:
+    n_res, n_mid, n_mlp, hidden = weights.n_res, weights.n_mid, weights.n_mlp, weights.hidden_width
     sizes = (dim, dim, n_res * 2 * dim if n_mlp else 0, n_mid * n_res * 2 * hidden, n_res * 2 * (hidden if n_mlp else dim))
     starts, start = [], 0
     for size in sizes:
         starts.append(start)
         start += pairs * size
-    return _PartialLayout(start, tuple(starts), sizes)
+    return PartialLayout(start, tuple(starts), sizes)
 
 
-def _backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
+def backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
                     streams, hidden, grad_x, layout, n_rows: int, patches=None, gather=False, scatter=False,
                     copy_to=None) -> tuple:
     """``(tiles, candidates)`` of :func:`coupling_half_step_bwd_kernel` (:func:`choose_tiles`,
     timed on this launch with scratch outputs); the partial sums' rows depend on the choice."""
     dim, compute, acc = mask.shape[0], weights.w_last.dtype, accumulator_dtype(x.dtype)
-    candidates = tile_candidates(n_rows, dim, weights.hidden, compute)
+    candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute)
 
     def trial(tiles):
         partial = torch.empty((triton.cdiv(n_rows, tiles.block_rows), layout.width), dtype=acc, device=x.device)
         scratch = [torch.empty_like(t) for t in (streams, hidden, grad_x)]
-        _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden, *scratch,
+        launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden, *scratch,
                          partial, layout.offsets(0), n_rows, tiles, (tiles,), patches, gather, scatter,
                          None if copy_to is None else torch.empty_like(copy_to))
 
-    tiles = choose_tiles(("backward", compute, dim, weights.hidden, weights.n_mlp), candidates, trial, x)
+    tiles = choose_tiles(("backward", compute, dim, weights.hidden_width, weights.n_mlp), candidates, trial, x)
     return tiles, candidates
 
 
-def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
+def launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
                      streams, hidden, grad_streams, grad_hidden, grad_x, partial, partial_offsets, n_rows: int,
-                     tiles: TileConfig, candidates: tuple, patches: Optional[_Patches] = None, gather=False,
+                     tiles: TileConfig, candidates: tuple, patches: Optional[PatchTable] = None, gather=False,
                      scatter=False, copy_to=None):
     """:func:`coupling_half_step_bwd_kernel` on ``n_rows`` > 0 rows, one program per row of ``partial``
-    (``tiles`` from :func:`_backward_tiles`).
+    (``tiles`` from :func:`backward_tiles`).
 
     ``patches``: the images that ``grad_y`` (``scatter``) and ``x``, ``grad_x`` (``gather``)
     are; ``copy_to``: images that the grad_y images are first copied to (needs ``scatter``).
@@ -199,7 +199,7 @@ def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Ha
     dim = mask.shape[0]
     acc = partial.dtype
     compute = weights.w_last.dtype
-    w = _present(weights)
+    w = weights.present()
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
 
     def launch(tiles):
@@ -214,10 +214,10 @@ def _launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Ha
             **_half_step_constants(dim, weights, inverse, gather, scatter, copy_to is not None, acc, compute, tiles),
         )
 
-    _launch_with(launch, tiles, candidates)
+    launch_with_candidates(launch, tiles, candidates)
 
 
-def _launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams, hidden, grad_streams, grad_hidden,
+def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams, hidden, grad_streams, grad_hidden,
                          n_rows: int, acc: torch.dtype, accumulate: bool = False) -> None:
     """The weight and bias gradients of every kind of linear into ``grads`` (one launch per kind,
     tiles by :func:`choose_tiles`).
@@ -226,9 +226,9 @@ def _launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, strea
     ``accumulate``: add to what they hold.
     """
     dim = weights.w_last.shape[-2]
-    hidden_width, n_res, n_mlp = weights.hidden, weights.n_res, weights.n_mlp
+    hidden_width, n_res, n_mlp = weights.hidden_width, weights.n_res, weights.n_mlp
     compute = weights.w_last.dtype
-    flags = dict(ACC_FP64=acc == torch.float64, DOT_TF32=_dot_tf32(compute), DOT_UPCAST=_dot_upcast(compute))
+    flags = dict(ACC_FP64=acc == torch.float64, DOT_TF32=dot_tf32(compute), DOT_UPCAST=dot_upcast(compute))
 
     def kind(src, grad, weight, slopes, grad_w, grad_b, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
         def launch(tiles, grad_w=grad_w, grad_b=grad_b):
@@ -254,7 +254,7 @@ def _launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, strea
         candidates = tile_candidates(n_rows, dim, hidden_width, compute)
         tiles = choose_tiles(("weight_grad", compute, in_w, out_w), candidates,
                              lambda tiles: launch(tiles, torch.empty_like(grad_w), torch.empty_like(grad_b)), grad)
-        _launch_with(launch, tiles, candidates)
+        launch_with_candidates(launch, tiles, candidates)
 
     if n_mlp:
         kind(streams, grad_hidden, weights.w_first, weights.slope_first, grads.w_first, grads.b_first,
@@ -296,20 +296,20 @@ def coupling_half_step_backward(
     n_rows, dim = x.shape
     acc = accumulator_dtype(x.dtype)
     compute = weights.w_last.dtype
-    layout = _partial_layout(dim, weights)
+    layout = partial_layout(dim, weights)
     grad_x = empty((n_rows, dim), dtype=x.dtype, device=x.device)
     args = (grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden)
-    tiles, candidates = _backward_tiles(*args, grad_x, layout, n_rows) if n_rows > 0 else (None, ())
+    tiles, candidates = backward_tiles(*args, grad_x, layout, n_rows) if n_rows > 0 else (None, ())
     programs = max(1, triton.cdiv(n_rows, tiles.block_rows)) if n_rows > 0 else 1
     partial = (torch.zeros if n_rows == 0 else empty)((programs, layout.width), dtype=acc, device=x.device)
     grad_streams = empty(streams.shape, dtype=compute, device=x.device)
     grad_hidden = empty(hidden.shape, dtype=compute, device=x.device)
-    grads = _weight_grad_buffers(weights, empty, x.device)
+    grads = weights.grad_buffers(empty, x.device)
     if n_rows > 0:
-        _launch_backward(*args, grad_streams, grad_hidden, grad_x, partial, layout.offsets(0), n_rows, tiles, candidates)
-        _launch_weight_grads(weights, grads, streams, hidden, grad_streams, grad_hidden, n_rows, acc)
+        launch_backward(*args, grad_streams, grad_hidden, grad_x, partial, layout.offsets(0), n_rows, tiles, candidates)
+        launch_weight_grads(weights, grads, streams, hidden, grad_streams, grad_hidden, n_rows, acc)
     else:
         grads = HalfStepWeights(*(None if g is None else g.zero_() for g in grads))
     grad_s, grad_t, first, mid, last = (part[0] for part in layout.split(partial.sum(dim=0), 1))
-    return grad_x, grad_s.to(s_scale.dtype), grad_t.to(t_scale.dtype), _with_slopes(grads, weights, first, mid, last)
+    return grad_x, grad_s.to(s_scale.dtype), grad_t.to(t_scale.dtype), grads.with_slope_grads(weights, first, mid, last)
 

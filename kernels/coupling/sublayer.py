@@ -4,8 +4,16 @@ import triton
 
 from rgkern.core.precision import accumulator_dtype
 
-from .half_step import _backward_tiles, _launch_backward, _launch_forward, _launch_weight_grads, _partial_layout, _Patches, activation_shapes
-from .weights import HalfStepWeights, _weight_grad_buffers, _with_slopes, pair_weights
+from .half_step import (
+    PatchTable,
+    activation_shapes,
+    backward_tiles,
+    launch_backward,
+    launch_forward,
+    launch_weight_grads,
+    partial_layout,
+)
+from .weights import HalfStepWeights, pair_weights
 
 
 def half_step_order(pairs: int, shared: bool, inverse: bool) -> list:
@@ -80,7 +88,7 @@ def sublayer_couplings_forward(
     logdet = empty((n_rows,), dtype=acc, device=images.device)
     if n_rows == 0:
         return out.copy_(images), logdet.new_zeros((batch,)), rows, streams, hidden
-    patches = _Patches(row_index, num_patches, images[0].numel())
+    patches = PatchTable(row_index, num_patches, images[0].numel())
     covers_all = num_patches * dim == patches.image_numel  # the patches of a sublayer never overlap
     masks = (mask, flipped_mask)
     last = len(order) - 1
@@ -88,7 +96,7 @@ def sublayer_couplings_forward(
         x = images if j == 0 else rows[(j - 1) % rows.shape[0]]
         y = out if j == last else rows[j % rows.shape[0]]
         slot = j if keep_activations else 0
-        _launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair), inverse,
+        launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair), inverse,
                         streams[slot], hidden[slot], y, logdet, patches, gather=j == 0, scatter=j == last,
                         accumulate=j > 0, copy_to=out if j == 0 and not covers_all else None)
     return out, logdet.view(batch, num_patches).sum(dim=1), rows, streams, hidden
@@ -136,19 +144,19 @@ def sublayer_couplings_backward(
     compute = weights.w_last.dtype
     first = pair_weights(weights, 0)
     uses = 2 if shared else 1
-    layout = _partial_layout(dim, first, pairs)
+    layout = partial_layout(dim, first, pairs)
     grad_images = empty(images.shape, dtype=images.dtype, device=images.device)
     grad_rows = empty((min(2, len(order) - 1), n_rows, dim), dtype=images.dtype, device=images.device)
     stream_shape, hidden_shape = activation_shapes(n_rows, dim, first, True)
     grad_streams = empty(stream_shape, dtype=compute, device=images.device)
     grad_hidden = empty(hidden_shape, dtype=compute, device=images.device)
-    grads = _weight_grad_buffers(weights, empty, images.device)
+    grads = weights.grad_buffers(empty, images.device)
     if recompute:
         streams, hidden = empty((1,) + stream_shape, dtype=compute, device=images.device), empty(
             (1,) + hidden_shape, dtype=compute, device=images.device)
         scratch_rows = empty((n_rows, dim), dtype=images.dtype, device=images.device)
         scratch_logdet = empty((n_rows,), dtype=acc, device=images.device)
-    patches = _Patches(row_index, num_patches, images[0].numel())
+    patches = PatchTable(row_index, num_patches, images[0].numel())
     covers_all = num_patches * dim == patches.image_numel
     masks = (mask, flipped_mask)
     last = len(order) - 1
@@ -157,7 +165,7 @@ def sublayer_couplings_backward(
     if n_rows > 0:
         # Timed (where tuning applies) on the first backward launch: the last half-step's.
         pair, flipped, _ = order[last]
-        tiles, candidates = _backward_tiles(
+        tiles, candidates = backward_tiles(
             grad_out, grad_logdet, rows[last - 1], masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair),
             inverse, streams[0 if recompute else last], hidden[0 if recompute else last], grad_rows[0], layout, n_rows,
             patches, scatter=True, copy_to=grad_images if copy_through else None)
@@ -170,16 +178,16 @@ def sublayer_couplings_backward(
         x = images if j == 0 else rows[j - 1]
         slot = 0 if recompute else j
         if recompute:
-            _launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse, streams[0], hidden[0],
+            launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse, streams[0], hidden[0],
                             scratch_rows, scratch_logdet, patches, gather=j == 0)
         grad_y = grad_out if j == last else grad_rows[j % grad_rows.shape[0]]
         grad_x = grad_images if j == 0 else grad_rows[(j - 1) % grad_rows.shape[0]]
-        _launch_backward(grad_y, grad_logdet, x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse,
+        launch_backward(grad_y, grad_logdet, x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse,
                          streams[slot], hidden[slot], grad_streams, grad_hidden, grad_x,
                          partial[use * programs:(use + 1) * programs], layout.offsets(pair), n_rows, tiles, candidates,
                          patches, gather=j == 0, scatter=j == last,
                          copy_to=grad_images if j == last and copy_through else None)
-        _launch_weight_grads(step_weights, pair_weights(grads, pair), streams[slot], hidden[slot], grad_streams,
+        launch_weight_grads(step_weights, pair_weights(grads, pair), streams[slot], hidden[slot], grad_streams,
                              grad_hidden, n_rows, acc, accumulate=pair in used)
         used.add(pair)
     if n_rows == 0:
@@ -187,4 +195,4 @@ def sublayer_couplings_backward(
         grads = HalfStepWeights(*(None if g is None else g.zero_() for g in grads))
     grad_s, grad_t, first_slopes, mid_slopes, last_slopes = layout.split(partial.sum(dim=0), pairs)
     return (grad_images, grad_s.to(s_scale.dtype), grad_t.to(t_scale.dtype),
-            _with_slopes(grads, weights, first_slopes, mid_slopes, last_slopes))
+            grads.with_slope_grads(weights, first_slopes, mid_slopes, last_slopes))

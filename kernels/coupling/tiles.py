@@ -5,6 +5,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from rgkern.core.cache import BoundedCache
+
 from .. import launch as _launch
 from ..launch import interpreter_requested
 
@@ -95,7 +97,9 @@ def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileC
     return tile_candidates(n_rows, dim, hidden, dtype)[0]
 
 
-_TUNED: dict = {}  # (kernel, dtype, widths, device) -> the TileConfig timed fastest
+# Size of the cache (rgkern.core.cache) of the tiles timed fastest, per kernel, dtype, widths and device.
+TUNED_CACHE_SIZE = 256
+_TUNED = BoundedCache(TUNED_CACHE_SIZE)  # (kernel, dtype, widths, device) -> the TileConfig timed fastest
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:
@@ -137,7 +141,7 @@ def choose_tiles(key: tuple, candidates: tuple, trial, tensor: torch.Tensor) -> 
     return candidates[0] if choice is None else choice
 
 
-def _launch_with(launch, tiles: TileConfig, candidates: tuple) -> None:
+def launch_with_candidates(launch, tiles: TileConfig, candidates: tuple) -> None:
     """``launch(tiles)``; while launches are recorded (:func:`~rgkern.kernels.launch.record_launches`)
     the other candidates are recorded too, not run: the ahead-of-time compile covers them all."""
     if _launch.recording():
@@ -148,11 +152,11 @@ def _launch_with(launch, tiles: TileConfig, candidates: tuple) -> None:
     launch(tiles)
 
 
-def _dot_tf32(compute_dtype: torch.dtype) -> bool:
+def dot_tf32(compute_dtype: torch.dtype) -> bool:
     return compute_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
 
 
-def _dot_upcast(compute_dtype: torch.dtype) -> bool:
+def dot_upcast(compute_dtype: torch.dtype) -> bool:
     """Half-precision dots as float32 under the interpreter, except while launches are being
     recorded for the ahead-of-time compile, which must compile what a GPU runs."""
     return compute_dtype in (torch.bfloat16, torch.float16) and interpreter_requested() and not _launch.recording()

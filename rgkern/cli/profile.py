@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..core.errors import InputError
 from .options import positive_int
@@ -36,8 +35,9 @@ def run_profile(args) -> int:
     if "triton" in backends:
         import torch
 
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise InputError("--backend triton needs a GPU or TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+        from ..core.ops import require_triton
+
+        require_triton("cuda" if torch.cuda.is_available() else "cpu", "--backend triton")
     from ..tools.profile import GPUS, PAPER_STRUCTURE, format_table, profile_passes
 
     config = dict(PAPER_STRUCTURE, hidden=args.hidden)

@@ -25,6 +25,7 @@ __all__ = [
     "InputIsADirectoryError",
     "InputNotADirectoryError",
     "file_error",
+    "TritonUnavailableError",
 ]
 
 
@@ -80,3 +81,11 @@ def file_error(code, message: str) -> InputFileError:
     :class:`InputFileError`.
     """
     return _BY_OS_ERROR.get(type(OSError(code, message)), InputFileError)(code, message)
+
+
+class TritonUnavailableError(InputError, RuntimeError):
+    """The Triton kernels cannot run on the device given (a CPU without Triton's interpreter).
+
+    An :class:`InputError` (the user can fix it: a GPU, another backend, or the interpreter)
+    that is also a ``RuntimeError``.
+    """

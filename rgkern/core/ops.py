@@ -1,14 +1,30 @@
 """Backend dispatch for the per-sublayer ops.
 
-``backend="torch"`` runs :mod:`rgkern.core.reference`; ``"triton"`` the Triton kernels
-behind their autograd Functions (:mod:`rgkern.core.functions`); ``"auto"`` the kernels on
-CUDA tensors and the reference elsewhere. Names, shapes and conventions are those of
-:mod:`rgkern.core.reference`.
+Each op has two implementations, with the same names, shapes and conventions:
+
+======================  ==============================================  ==========================================
+op                      ``backend="torch"``                             ``backend="triton"``
+======================  ==============================================  ==========================================
+``gather_patches``      :func:`rgkern.core.reference.gather_patches`    :func:`rgkern.kernels.patches.gather_patches`
+``scatter_patches``     :func:`rgkern.core.reference.scatter_patches`   :func:`rgkern.kernels.patches.scatter_patches`
+``coupling_half_step``  :func:`rgkern.core.reference.coupling_half_step`  :func:`rgkern.kernels.coupling.coupling_half_step`
+``sublayer_couplings``  :func:`rgkern.core.reference.sublayer_couplings`  :func:`rgkern.kernels.coupling.sublayer_couplings`
+======================  ==============================================  ==========================================
+
+``"auto"`` means the kernels on CUDA tensors and the reference elsewhere
+(:func:`resolve_backend`). The kernel modules are imported on first use, inside each
+function below (importing them imports triton and registers the operators, about 1.5 s
+that ``import rgkern`` does not pay). Whether the kernels can run on a device is decided by
+one rule, :func:`rgkern.kernels.runtime.triton_can_run`, re-exported here.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 
+from ..kernels.runtime import require_triton, triton_can_run
 from . import reference
 from .errors import InputError
 
@@ -18,75 +34,74 @@ __all__ = [
     "BACKENDS",
     "check_backend",
     "resolve_backend",
+    "triton_can_run",
+    "require_triton",
     "gather_patches",
     "scatter_patches",
-    "affine_coupling",
     "coupling_half_step",
     "sublayer_couplings",
+    "watch_kernel_launches",
 ]
 
 
 def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     return backend
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """The concrete backend (``"torch"`` or ``"triton"``) for ``tensor``."""
+    """The concrete backend (``"torch"`` or ``"triton"``) for ``tensor``; ``"triton"`` where the
+    kernels cannot run on its device is refused (:func:`require_triton`)."""
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
-    if backend == "triton" and not tensor.is_cuda and not _interpreter_requested():
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors, got a tensor on {tensor.device}; move the model "
-            "and data to a GPU, use backend='auto' or 'torch', or set TRITON_INTERPRET=1 before "
-            "importing triton to run the kernels in Triton's CPU interpreter"
-        )
+    if backend == "triton":
+        require_triton(tensor.device, "backend='triton'")
     return backend
 
 
-def _interpreter_requested() -> bool:
-    # The kernels' own rule (imported here, not at the top, so that importing rgkern does
-    # not import triton).
-    from ..kernels.launch import interpreter_requested
-
-    return interpreter_requested()
-
-
-def _kernels():
-    from . import functions
-
-    return functions
-
-
-def gather_patches(x, row_index, backend="torch"):
+def gather_patches(x: torch.Tensor, row_index: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     if backend == "triton":
-        return _kernels().gather_patches(x, row_index)
+        from ..kernels.patches import gather_patches as kernel_gather_patches
+
+        return kernel_gather_patches(x, row_index)
     return reference.gather_patches(x, row_index)
 
 
-def scatter_patches(x, rows, row_index, backend="torch"):
+def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     if backend == "triton":
-        return _kernels().scatter_patches(x, rows, row_index)
+        from ..kernels.patches import scatter_patches as kernel_scatter_patches
+
+        return kernel_scatter_patches(x, rows, row_index)
     return reference.scatter_patches(x, rows, row_index)
 
 
-def affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse=False, backend="torch"):
+def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse: bool = False, backend: str = "torch"):
     if backend == "triton":
-        return _kernels().affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
-    return reference.affine_coupling(x, s_raw, t_raw, s_scale, t_scale, mask, inverse)
+        from ..kernels.coupling import coupling_half_step as kernel_coupling_half_step
 
-
-def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse=False, backend="torch"):
-    if backend == "triton":
-        return _kernels().coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
+        return kernel_coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
     return reference.coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
 
 
-def sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared=False, inverse=False,
-                       recompute=False, backend="torch"):
+def sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared: bool = False,
+                       inverse: bool = False, recompute: bool = False, backend: str = "torch"):
     if backend == "triton":
-        return _kernels().sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
-                                             inverse, recompute)
+        from ..kernels.coupling import sublayer_couplings as kernel_sublayer_couplings
+
+        return kernel_sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
+                                         inverse, recompute)
     return reference.sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
                                         inverse, recompute)
+
+
+@contextlib.contextmanager
+def watch_kernel_launches(watcher: Callable, run: bool = True) -> Iterator[None]:
+    """Inside this, every Triton kernel launch of the kernel ops runs inside
+    ``watcher(kernel, args, kwargs)`` (a context manager; :func:`rgkern.kernels.launch.watch_launches`);
+    with ``run`` False the launches are watched but not run."""
+    from ..kernels.launch import record_only, watch_launches
+
+    with watch_launches(watcher), (contextlib.nullcontext() if run else record_only()):
+        yield

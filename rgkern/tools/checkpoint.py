@@ -495,17 +495,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", back
     ``backend="triton"`` on a device other than CUDA (without ``TRITON_INTERPRET=1``) is
     refused here with ``ValueError``, before the weights are read.
     """
-    from ..core.ops import check_backend
+    from ..core.ops import check_backend, require_triton
 
     backend = check_backend(backend)
     device = _check_device(device)
     path = resolve_checkpoint(path)
-    if backend == "triton" and device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # the kernels' own rule (kernels/launch.py)
-            raise InputError(
-                f"backend 'triton' needs a CUDA device, got {str(device)!r}; use backend 'auto' or 'torch', a GPU, "
-                "or TRITON_INTERPRET=1 (Triton's CPU interpreter, slow)"
-            )
+    if backend == "triton":
+        require_triton(device, "backend 'triton'")
     result = load_checkpoint(path, map_location=device)
     model = result["model"].to(device)
     model.backend = backend

@@ -144,38 +144,17 @@ class WorkCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _patched_triton_launches(counter: WorkCounter, run_kernels: bool = True):
-    """Route every Triton kernel launch (compiled or interpreted) through ``counter``; with
-    ``run_kernels`` False the launches are counted but not run."""
-    try:
-        from triton.runtime.jit import JITFunction
-    except ImportError:  # pragma: no cover - no triton
+def _counted_triton_launches(counter: WorkCounter, run_kernels: bool = True):
+    """Count every rgkern Triton kernel launch in ``counter``, through the launch hook of
+    :func:`rgkern.core.ops.watch_kernel_launches`; with ``run_kernels`` False the launches are
+    counted but not run."""
+    from ..core.ops import watch_kernel_launches
+
+    def watcher(kernel, args, kwargs):
+        return counter.triton_launch(_tensor_bytes(args) + _tensor_bytes(kwargs.values()))
+
+    with watch_kernel_launches(watcher, run_kernels):
         yield
-        return
-    classes = [JITFunction]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        classes.append(InterpretedFunction)
-    except ImportError:  # pragma: no cover
-        pass
-    originals = {cls: cls.run for cls in classes}
-
-    def wrap(original):
-        def run(self, *args, **kwargs):
-            nbytes = _tensor_bytes(args) + _tensor_bytes(kwargs.values())
-            with counter.triton_launch(nbytes):
-                return original(self, *args, **kwargs) if run_kernels else None
-
-        return run
-
-    for cls, original in originals.items():
-        cls.run = wrap(original)
-    try:
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.run = original
 
 
 def count_work(fn, *args, run_kernels: bool = True, **kwargs) -> tuple[Work, object]:
@@ -187,7 +166,7 @@ def count_work(fn, *args, run_kernels: bool = True, **kwargs) -> tuple[Work, obj
     the same count checks) launches the same kernels whatever the values.
     """
     counter = WorkCounter()
-    with _patched_triton_launches(counter, run_kernels), counter:
+    with _counted_triton_launches(counter, run_kernels), counter:
         result = fn(*args, **kwargs)
     return counter.work, result
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import GPU_TILE_ELEMENTS, launch_kernel, row_launch_shape
+from ..launch import GPU_TILE_ELEMENTS, launch_kernel, row_launch_shape
 
 __all__ = [
     "patch_block",

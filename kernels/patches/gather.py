@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scatter_patches import launch_patch_kernel, patch_block, scatter_rows_into
+from .scatter import launch_patch_kernel, patch_block, scatter_rows_into
 
 __all__ = ["gather_patches_kernel", "gather_patches_forward", "gather_patches_backward"]
 
