@@ -88,19 +88,28 @@ def check_vectors(reference_name: str, reference: torch.Tensor, vectors: dict, s
             raise InputError(f"{name} requires grad, but the coupling mask is a constant; pass {name}.detach()")
 
 
-def check_half_step_weights(x: torch.Tensor, dim: int, weights, what: str = "weights") -> None:
+def check_half_step_weights(x: torch.Tensor, dim: int, weights, what: str = "weights",
+                            compute_dtype: torch.dtype | None = None) -> torch.dtype:
     """One half-step's :class:`~rgkern.kernels.coupling.weights.HalfStepWeights` for rows of
-    width ``dim`` like ``x`` (dtypes, devices, shapes)."""
+    width ``dim`` like ``x`` (dtypes, devices, shapes), computed in ``compute_dtype`` (the
+    weights' by default); returns the compute dtype.
+
+    The compute dtype is x's or a narrower float; the weights are in it or in x's (the kernels
+    cast them as they load them); biases and slopes in the weights' dtype or x's.
+    """
     from .coupling.weights import HalfStepWeights  # here: the coupling package imports this module
 
     if not isinstance(weights, HalfStepWeights):
         raise InputTypeError(f"{what} must be a HalfStepWeights, got {type(weights).__name__}")
-    compute = weights.w_last.dtype
+    weight_dtype = weights.w_last.dtype
+    compute = weight_dtype if compute_dtype is None else compute_dtype
     if compute not in FLOAT_DTYPES or compute.itemsize > x.dtype.itemsize:
-        raise InputTypeError(f"the weights have dtype {compute}; expected x's dtype {x.dtype} or a narrower float")
+        raise InputTypeError(f"the compute dtype is {compute}; expected x's dtype {x.dtype} or a narrower float")
+    if weight_dtype not in (compute, x.dtype):
+        raise InputTypeError(f"the weights have dtype {weight_dtype}; expected the compute dtype {compute} or x's {x.dtype}")
     vector_dtype = weights.b_last.dtype
-    if vector_dtype not in (compute, x.dtype):
-        raise InputTypeError(f"{what}.b_last has dtype {vector_dtype}; expected the weights' {compute} or x's {x.dtype}")
+    if vector_dtype not in (weight_dtype, x.dtype):
+        raise InputTypeError(f"{what}.b_last has dtype {vector_dtype}; expected the weights' {weight_dtype} or x's {x.dtype}")
     expected = weights.expected_shapes(dim)
     for name in HalfStepWeights._fields:
         value = getattr(weights, name)
@@ -108,12 +117,13 @@ def check_half_step_weights(x: torch.Tensor, dim: int, weights, what: str = "wei
             if value is not None:
                 raise InputError(f"{what}.{name} must be None for this layout (w_first and w_mid present or absent with it)")
             continue
-        wanted = compute if name.startswith("w_") else vector_dtype
+        wanted = weight_dtype if name.startswith("w_") else vector_dtype
         kind = "weights" if name.startswith("w_") else "biases and slopes"
         check_tensor(f"{what}.{name}", value, (wanted,), f"dtype {wanted}, as the other {kind}")
         check_same("x", x, f"{what}.{name}", value, dtype=False)
         if tuple(value.shape) != expected[name]:
             raise InputError(f"{what}.{name} has shape {tuple(value.shape)}, expected {expected[name]}")
+    return compute
 
 
 def check_stacked_weights(weights, pairs: int) -> None:

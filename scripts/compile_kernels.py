@@ -5,8 +5,9 @@ Usage: ``python scripts/compile_kernels.py [--arch 80 90] [--jobs N] [--markdown
 
 Records the kernel launches of small models run under Triton's CPU interpreter, with the
 block sizes a GPU would use (:func:`rgkern.kernels.launch.gpu_block_sizes`): encode, decode
-and a training forward + backward, in float32, float64 and bfloat16 (a bfloat16 model: under
-``--bf16`` autocast the kernels see float32 data), for C = 1 and 3, k = 2 and 4, L = 8 and 16
+and a training forward + backward, in float32, float64 and bfloat16 (a bfloat16 model), and a
+float32 model under bfloat16 autocast (``bfloat16-autocast``: training with ``--bf16``, where
+the kernels compute in bfloat16 from float32 weights), for C = 1 and 3, k = 2 and 4, L = 8 and 16
 (``--sizes``: patch counts per sublayer of 1, 4 and multiples of 16, which is all a kernel
 specialises on; larger L only adds launches) and batches 1, 3 and 16 (row counts of 1, not
 divisible by 16, and divisible by 16). Then compiles each distinct
@@ -30,6 +31,7 @@ if __name__ == "__main__":
 
 import argparse
 import collections
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,10 @@ from rgkern.core import ops  # noqa: E402
 from rgkern.kernels import aot  # noqa: E402
 from rgkern.kernels.launch import gpu_block_sizes, record_launches  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "bfloat16-autocast": torch.float32}
+# The recordings made under autocast, and its dtype.
+AUTOCAST = {"bfloat16-autocast": torch.bfloat16}
 SIZES = (8, 16)
 BATCHES = (1, 3, 16)
 
@@ -63,20 +68,21 @@ def random_model(image_size: int, channels: int, kernel_size: int, dtype: torch.
     return model.to(device, dtype)
 
 
-def record_passes(model: rgkern.RGFlow, batches=BATCHES) -> list:
+def record_passes(model: rgkern.RGFlow, batches=BATCHES, autocast: torch.dtype | None = None) -> list:
     """Distinct launches of encode, decode and a training forward + backward at each batch size
     (the fused sublayers), and of every sublayer's row path both ways with its backward (the
     stand-alone gather and scatter around ``transform_rows``, as the incremental encoder and
     decoder and inpainting run it).
 
     Recorded with a GPU's block sizes (:func:`~rgkern.kernels.launch.gpu_block_sizes`); the
-    fused kernels in every tuning configuration.
+    fused kernels in every tuning configuration; under ``autocast`` (a dtype) when given.
     """
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(1)
     shape = (model.channels, model.image_size, model.image_size)
-    with record_launches() as launches, gpu_block_sizes():
+    mixed = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with record_launches() as launches, gpu_block_sizes(), mixed:
         for batch in batches:
             x = torch.randn((batch, *shape), generator=generator, dtype=torch.float64).to(device, dtype)
             with torch.no_grad():
@@ -104,7 +110,7 @@ def record_all(args) -> list:
                         continue
                     for n_mlp in (2, 0) if size == min(args.sizes) else (2,):
                         model = random_model(size, channels, kernel_size, DTYPES[dtype_name], args.device, n_mlp)
-                        launches.extend(record_passes(model))
+                        launches.extend(record_passes(model, autocast=AUTOCAST.get(dtype_name)))
     return launches
 
 

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rgkern.kernels import aot, launch as launch_helpers
-from rgkern.kernels import patches
+from rgkern.kernels import aot, patches
+from rgkern.kernels import launch as launch_helpers
 from rgkern.kernels.coupling import GPU_TILES, TUNING_CONFIGS, WEIGHT_GRAD_MAX_ROWS
 from rgkern.kernels.launch import GPU_TILE_ELEMENTS, gpu_block_sizes, launch_kernel, record_launches
 
@@ -154,6 +154,30 @@ def test_subset_compiles_for_sm80_and_sm90_without_spills(recorded):
             assert not r.spills, f"{r.kernel} sm_{r.arch} {r.arguments} {r.constexprs}: {r.spill_stores} B spilled"
     float64 = [r for r in results if "fp64" in r.pointer_dtypes]
     assert float64 and max(r.registers for r in float64) < 255
+
+
+def test_autocast_launches_read_float32_weights_and_compile_without_spills(device):
+    """Under bfloat16 autocast (training with ``--bf16``) the fused kernels compute in bfloat16
+    from the float32 weights, which they cast as they load them: launches of their own, with
+    float32 weight pointers beside bfloat16 activations. Each compiles for sm_80 and sm_90
+    without spilling, in every tuning configuration such launches may use (not the 32-row
+    bfloat16 one, which spilled with them: ``TileConfig.wide_weights``)."""
+    model = tiny_model(8, 3, 4, dtype=torch.float32, backend="triton", n_mlp=2, hidden=24).to(device)
+    x = random_images(model, batch=3).to(device)
+    with record_launches() as launches, gpu_block_sizes(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model.log_prob(x).sum().backward()
+    fused = [launch for launch in launches if launch.name.startswith(FUSED)]
+    mixed = [launch for launch in fused
+             if {torch.float32, torch.bfloat16} <= {a.dtype for a in launch.args if isinstance(a, launch_helpers.TensorArgument)}]
+    assert {launch.name for launch in mixed} == {launch.name for launch in fused} and len(fused) >= 3
+    one_each = list({(launch.name, tile_setting(launch)): launch for launch in mixed}.values())
+    wide = [t for t in TUNING_CONFIGS[torch.bfloat16] if t.wide_weights]
+    assert {tile_setting(launch)[1:] for launch in one_each} == {(t.num_warps, t.num_stages) for t in wide}
+    results = aot.compile_launches(one_each, aot.ARCHITECTURES)
+    assert [r.error for r in results if not r.ok] == []
+    assert len(results) == len(one_each) * len(aot.ARCHITECTURES)
+    for r in results:
+        assert not r.spills, f"{r.kernel} sm_{r.arch} {r.arguments} {r.constexprs}: {r.spill_stores} B spilled"
 
 
 def test_saved_launches_compile_the_same_in_two_processes(recorded, tmp_path):

@@ -12,20 +12,17 @@ import textwrap
 
 import pytest
 import torch
-
 import triton
 import triton.language as tl
 
 import rgkern
 from rgkern.core import ops, reference
 from rgkern.core.geometry import get_geometry
-from rgkern.core.precision import accumulator_dtype
 from rgkern.kernels import coupling, operator
 from rgkern.kernels import patches as triton_ops
 from rgkern.kernels.coupling.device import TANH_SERIES_LIMIT, _tanh, _tanh_and_derivative
 from rgkern.kernels.launch import launch_kernel
-from rgkern.kernels.patches import gather_patches_backward, gather_patches_forward
-from rgkern.kernels.patches import scatter_patches_backward, scatter_patches_forward
+from rgkern.kernels.patches import gather_patches_backward, gather_patches_forward, scatter_patches_backward, scatter_patches_forward
 from rgkern.kernels.runtime import interpreter_requested
 
 from utils import random_scales
@@ -341,7 +338,7 @@ def test_triton_op_decomposes_into_kernels_without_interpreter():
             rows = torch.ops.rgkern.gather_patches(x, index)
             absent = [None] * 6  # one residual block, no hidden linears
             y, logdet, _, _ = torch.ops.rgkern.coupling_half_step(rows, mask, s_scale, t_scale, *absent, w_last, b_last,
-                                                                  slope_last, False, False)
+                                                                  slope_last, False, False, torch.float32)
             return torch.ops.rgkern.scatter_patches(x, y, index), logdet
         with FakeTensorMode():
             args = [torch.empty(2, 3, 8, 8, device="cuda"), torch.zeros(4, 48, dtype=torch.long, device="cuda")]

@@ -11,7 +11,7 @@ conditioning half)::
 
 ``swish(u) = u * sigmoid(slope * u)`` with a learned per-feature slope before every linear;
 the linears are weight-normalised by the caller, and the last one of each block carries the
-residual's 1/sqrt(2) in its weight and bias (``rgkern.core.model.CouplingNetworks.prepared``).
+residual's 1/sqrt(2) in its weight and bias (``rgkern.core.networks.CouplingNetworks.prepared_fused``).
 Weights are in ``nn.Linear`` layout ``(w_out, w_in)`` and stacked per half-step as
 ``[residual block, network]``:
 

@@ -137,7 +137,9 @@ def _linear_forward(
             u = _load(src + rows[:, None] * IN_W + ks[None, :], row_live[:, None] & k_live[None, :], ACC_FP64, True)
             beta = _load(slope + ks, k_live, ACC_FP64, False)
             a = u * _sigmoid(beta[None, :] * u)
+            # The weights may be wider than the activations (float32 under autocast): cast as loaded.
             wt = tl.load(w + cols[None, :] * IN_W + ks[:, None], mask=k_live[:, None] & col_live[None, :], other=0.0)
+            wt = wt.to(dst.dtype.element_ty)
             acc = _dot(a.to(wt.dtype), wt, acc, ACC_FP64, DOT_TF32, DOT_UPCAST)
         out = acc + _load(b + cols, col_live, ACC_FP64, False)[None, :]
         offsets = rows[:, None] * OUT_W + cols[None, :]
@@ -172,7 +174,7 @@ def _linear_input_grad(
             g = tl.load(grad_out + rows[:, None] * OUT_W + os[None, :], mask=row_live[:, None] & o_live[None, :],
                         other=0.0, cache_modifier=".cg")
             wt = tl.load(w + os[:, None] * IN_W + ks[None, :], mask=o_live[:, None] & k_live[None, :], other=0.0)
-            acc = _dot(g.to(wt.dtype), wt, acc, ACC_FP64, DOT_TF32, DOT_UPCAST)
+            acc = _dot(g, wt.to(g.dtype), acc, ACC_FP64, DOT_TF32, DOT_UPCAST)
         offsets = rows[:, None] * IN_W + ks[None, :]
         live = row_live[:, None] & k_live[None, :]
         u = _load(src + offsets, live, ACC_FP64, True)

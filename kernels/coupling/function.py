@@ -15,7 +15,16 @@ from torch.autograd.function import once_differentiable
 from rgkern.core.errors import InputError
 from rgkern.core.precision import accumulator_dtype
 
-from ..checks import FLOAT_DTYPES, check_half_step_weights, check_image, check_row_index, check_rows, check_stacked_weights, check_tensor, check_vectors
+from ..checks import (
+    FLOAT_DTYPES,
+    check_half_step_weights,
+    check_image,
+    check_row_index,
+    check_rows,
+    check_stacked_weights,
+    check_tensor,
+    check_vectors,
+)
 from ..operator import Operator
 from .half_step import activation_shapes, coupling_half_step_backward, coupling_half_step_forward
 from .sublayer import sublayer_buffer_shapes, sublayer_couplings_backward, sublayer_couplings_forward
@@ -37,14 +46,13 @@ def _gradients_like(first: torch.Tensor, s_scale: torch.Tensor, t_scale: torch.T
 
 # --------------------------------------------------------------------------- one half-step on rows
 def _half_step(x, mask, s_scale, t_scale, *rest):
-    weights, (inverse, save) = HalfStepWeights.split_arguments(rest)
-    return coupling_half_step_forward(x, mask, s_scale, t_scale, weights, inverse, save)
+    weights, (inverse, save, compute_dtype) = HalfStepWeights.split_arguments(rest)
+    return coupling_half_step_forward(x, mask, s_scale, t_scale, weights, inverse, save, compute_dtype=compute_dtype)
 
 
 def _half_step_fake(x, mask, s_scale, t_scale, *rest):
-    weights, (inverse, save) = HalfStepWeights.split_arguments(rest)
+    weights, (inverse, save, compute) = HalfStepWeights.split_arguments(rest)
     stream_shape, hidden_shape = activation_shapes(x.shape[0], x.shape[1], weights, save)
-    compute = weights.w_last.dtype
     return (torch.empty_like(x), x.new_empty((x.shape[0],), dtype=accumulator_dtype(x.dtype)),
             x.new_empty(stream_shape, dtype=compute), x.new_empty(hidden_shape, dtype=compute))
 
@@ -60,7 +68,7 @@ def _half_step_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, *rest):
 half_step_op = Operator(
     "coupling_half_step", _half_step,
     [("x", _TENSOR), ("mask", _TENSOR), ("s_scale", _TENSOR), ("t_scale", _TENSOR), *_WEIGHTS,
-     ("inverse", bool), ("save", bool)],
+     ("inverse", bool), ("save", bool), ("compute_dtype", torch.dtype)],
     tuple[_TENSOR, _TENSOR, _TENSOR, _TENSOR], fake=_half_step_fake,
 )
 half_step_backward_op = Operator(
@@ -75,17 +83,18 @@ half_step_backward_op = Operator(
 class CouplingHalfStepFunction(torch.autograd.Function):
     """(y, logdet) = the fused half-step (:mod:`rgkern.kernels.coupling`).
 
-    ``apply(x, mask, s_scale, t_scale, inverse, *weights)`` with the nine entries of a
-    :class:`HalfStepWeights` (None where absent); inputs contiguous and validated by the
-    caller. The forward keeps the activations only when some input needs a gradient.
+    ``apply(x, mask, s_scale, t_scale, inverse, compute_dtype, *weights)`` with the nine
+    entries of a :class:`HalfStepWeights` (None where absent; compute_dtype None: the
+    weights'); inputs contiguous and validated by the caller. The forward keeps the activations only when some input needs a gradient.
     Gradients flow to x, the scales and every weight; the mask is a constant. Operators
     ``rgkern::coupling_half_step`` and ``rgkern::coupling_half_step_backward``.
     """
 
     @staticmethod
-    def forward(ctx, x, mask, s_scale, t_scale, inverse, *weights):
+    def forward(ctx, x, mask, s_scale, t_scale, inverse, compute_dtype, *weights):
         save = any(ctx.needs_input_grad)
-        y, logdet, streams, hidden = half_step_op(x, mask, s_scale, t_scale, *weights, bool(inverse), save)
+        compute_dtype = HalfStepWeights(*weights).w_last.dtype if compute_dtype is None else compute_dtype
+        y, logdet, streams, hidden = half_step_op(x, mask, s_scale, t_scale, *weights, bool(inverse), save, compute_dtype)
         ctx.inverse = bool(inverse)
         ctx.absent = [w is None for w in weights]
         if save:
@@ -107,7 +116,7 @@ class CouplingHalfStepFunction(torch.autograd.Function):
                 *args, HalfStepWeights(*weights), ctx.inverse, streams, hidden
             )
         grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]
-        return (grad_x, None, grad_s_scale, grad_t_scale, None, *grad_weights)
+        return (grad_x, None, grad_s_scale, grad_t_scale, None, None, *grad_weights)
 
 
 def coupling_half_step(
@@ -117,6 +126,7 @@ def coupling_half_step(
     t_scale: torch.Tensor,
     weights: HalfStepWeights,
     inverse: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel version of :func:`rgkern.core.reference.coupling_half_step`: one fused launch forward.
 
@@ -124,6 +134,8 @@ def coupling_half_step(
         x: rows ``(N, D)``; mask, s_scale, t_scale: ``(D,)``, one device; weights: a
             :class:`HalfStepWeights` of one float dtype (x's, or a narrower autocast dtype).
         inverse: apply the inverse half-step.
+        compute_dtype: the matmuls' operand dtype (a narrower autocast dtype than the weights',
+            which the kernels cast as they load them); the weights' by default.
     Returns:
         ``y`` ``(N, D)`` and the per-row log-det ``(N,)``, float64 for float64 ``x``, else
         float32. Differentiable wrt x, the scales and the weights (not the mask).
@@ -132,41 +144,42 @@ def coupling_half_step(
     dim = x.shape[1]
     check_vectors("x", x, {"mask": mask}, (dim,), constant=True)
     check_vectors("x", x, {"s_scale": s_scale, "t_scale": t_scale}, (dim,))
-    check_half_step_weights(x, dim, weights)
+    compute_dtype = check_half_step_weights(x, dim, weights, compute_dtype=compute_dtype)
     return CouplingHalfStepFunction.apply(
-        x.contiguous(), mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(), bool(inverse),
+        x.contiguous(), mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(), bool(inverse), compute_dtype,
         *weights.contiguous(),
     )
 
 
 # --------------------------------------------------------------------------- a whole sublayer on images
 def _sublayer(images, row_index, mask, flipped_mask, s_scale, t_scale, *rest):
-    weights, (shared, inverse, keep_rows, keep_activations) = HalfStepWeights.split_arguments(rest)
+    weights, (shared, inverse, compute_dtype, keep_rows, keep_activations) = HalfStepWeights.split_arguments(rest)
     return sublayer_couplings_forward(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse,
-                                      keep_rows, keep_activations)
+                                      keep_rows, keep_activations, compute_dtype=compute_dtype)
 
 
 def _sublayer_fake(images, row_index, mask, flipped_mask, s_scale, t_scale, *rest):
-    weights, (shared, inverse, keep_rows, keep_activations) = HalfStepWeights.split_arguments(rest)
+    weights, (shared, inverse, compute, keep_rows, keep_activations) = HalfStepWeights.split_arguments(rest)
     rows_shape, stream_shape, hidden_shape = sublayer_buffer_shapes(
         images.shape[0], row_index.shape, s_scale.shape[0], weights, shared, keep_rows, keep_activations)
-    compute = weights.w_last.dtype
     return (torch.empty_like(images), images.new_empty((images.shape[0],), dtype=accumulator_dtype(images.dtype)),
             images.new_empty(rows_shape), images.new_empty(stream_shape, dtype=compute),
             images.new_empty(hidden_shape, dtype=compute))
 
 
 def _sublayer_backward(grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, *rest):
-    weights, (shared, inverse, rows, streams, hidden, recompute, grad_images_needed) = HalfStepWeights.split_arguments(rest)
+    weights, (shared, inverse, compute_dtype, rows, streams, hidden, recompute, grad_images_needed) = (
+        HalfStepWeights.split_arguments(rest))
     grad_images, grad_s, grad_t, grads = sublayer_couplings_backward(
         grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse,
-        rows, streams, hidden, recompute, grad_images_needed,
+        rows, streams, hidden, recompute, grad_images_needed, compute_dtype=compute_dtype,
     )
     return (grad_images, grad_s.clone(), grad_t.clone(), *grads.as_operator_grads(images))
 
 
 _SUBLAYER_INPUTS = [("images", _TENSOR), ("row_index", _TENSOR), ("mask", _TENSOR), ("flipped_mask", _TENSOR),
-                    ("s_scale", _TENSOR), ("t_scale", _TENSOR), *_WEIGHTS, ("shared", bool), ("inverse", bool)]
+                    ("s_scale", _TENSOR), ("t_scale", _TENSOR), *_WEIGHTS, ("shared", bool), ("inverse", bool),
+                    ("compute_dtype", torch.dtype)]
 sublayer_op = Operator(
     "sublayer_couplings", _sublayer, _SUBLAYER_INPUTS + [("keep_rows", bool), ("keep_activations", bool)],
     tuple[_TENSOR, _TENSOR, _TENSOR, _TENSOR, _TENSOR], fake=_sublayer_fake,
@@ -187,7 +200,7 @@ class SublayerCouplingsFunction(torch.autograd.Function):
     scatter fused into the first and last half-steps).
 
     ``apply(images, row_index, mask, flipped_mask, s_scale, t_scale, shared, inverse,
-    recompute, *weights)`` with the nine entries of a :class:`HalfStepWeights` of stacked
+    recompute, compute_dtype, *weights)`` with the nine entries of a :class:`HalfStepWeights` of stacked
     tensors (None where absent); inputs contiguous and validated by the caller. The forward
     keeps every half-step's input rows when some input needs a gradient, and their activations
     unless ``recompute`` (then the backward recomputes them, half-step by half-step).
@@ -196,12 +209,14 @@ class SublayerCouplingsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, images, row_index, mask, flipped_mask, s_scale, t_scale, shared, inverse, recompute, *weights):
+    def forward(ctx, images, row_index, mask, flipped_mask, s_scale, t_scale, shared, inverse, recompute, compute_dtype,
+                *weights):
         needs = any(ctx.needs_input_grad)
-        ctx.flags = (bool(shared), bool(inverse), bool(recompute))
+        compute_dtype = HalfStepWeights(*weights).w_last.dtype if compute_dtype is None else compute_dtype
+        ctx.flags = (bool(shared), bool(inverse), bool(recompute), compute_dtype)
         out, logdet, rows, streams, hidden = sublayer_op(
-            images, row_index, mask, flipped_mask, s_scale, t_scale, *weights, bool(shared), bool(inverse), needs,
-            needs and not recompute,
+            images, row_index, mask, flipped_mask, s_scale, t_scale, *weights, bool(shared), bool(inverse), compute_dtype,
+            needs, needs and not recompute,
         )
         ctx.absent = [w is None for w in weights]
         if needs:
@@ -214,20 +229,21 @@ class SublayerCouplingsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_logdet):
         images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden, *weights = ctx.saved_tensors
-        shared, inverse, recompute = ctx.flags
+        shared, inverse, recompute, compute_dtype = ctx.flags
         need_images = ctx.needs_input_grad[0]
         args = (grad_out.contiguous(), grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale)
         if torch.compiler.is_compiling():
             grad_images, grad_s_scale, grad_t_scale, *grad_weights = sublayer_backward_op(
-                *args, *weights, shared, inverse, rows, streams, hidden, recompute, need_images,
+                *args, *weights, shared, inverse, compute_dtype, rows, streams, hidden, recompute, need_images,
             )
         else:  # the host function itself: its slope gradients need no copies
             grad_images, grad_s_scale, grad_t_scale, grad_weights = sublayer_couplings_backward(
-                *args, HalfStepWeights(*weights), shared, inverse, rows, streams, hidden, recompute, need_images
+                *args, HalfStepWeights(*weights), shared, inverse, rows, streams, hidden, recompute, need_images,
+                compute_dtype=compute_dtype,
             )
         grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]
         return (grad_images if need_images else None, None, None, None, grad_s_scale, grad_t_scale, None, None, None,
-                *grad_weights)
+                None, *grad_weights)
 
 
 def sublayer_couplings(
@@ -241,6 +257,7 @@ def sublayer_couplings(
     shared: bool = False,
     inverse: bool = False,
     recompute: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel version of :func:`rgkern.core.reference.sublayer_couplings`: a sublayer's coupling
     half-steps on whole images, one fused launch each forward (the first gathers the patches,
@@ -256,6 +273,8 @@ def sublayer_couplings(
         inverse: run the half-steps in reverse, each inverted.
         recompute: keep no activations for the backward; recompute them there (activation
             checkpointing, half-step by half-step).
+        compute_dtype: the matmuls' operand dtype (a narrower autocast dtype than the weights',
+            which the kernels cast as they load them); the weights' by default.
     Returns:
         the new images and the per-image log-det ``(B,)``, float64 for float64 images, else
         float32. Differentiable wrt the images, the scales and the weights (not the masks).
@@ -271,8 +290,8 @@ def sublayer_couplings(
                          + ("" if shared else ", even (two half-steps per block, a pair each)"))
     check_vectors("images", images, {"s_scale": s_scale, "t_scale": t_scale}, (pairs, dim))
     check_stacked_weights(weights, pairs)
-    check_half_step_weights(images, dim, pair_weights(weights, 0), "weights[pair]")
+    compute_dtype = check_half_step_weights(images, dim, pair_weights(weights, 0), "weights[pair]", compute_dtype)
     return SublayerCouplingsFunction.apply(
         images, row_index, mask.contiguous(), flipped_mask.contiguous(), s_scale.contiguous(), t_scale.contiguous(),
-        bool(shared), bool(inverse), bool(recompute), *weights.contiguous(),
+        bool(shared), bool(inverse), bool(recompute), compute_dtype, *weights.contiguous(),
     )

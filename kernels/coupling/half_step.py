@@ -14,10 +14,10 @@ from .tiles import (
     MAX_REGISTERS,
     WEIGHT_GRAD_MAX_ROWS,
     TileConfig,
+    choose_tiles,
     dot_tf32,
     dot_upcast,
     launch_with_candidates,
-    choose_tiles,
     tile_candidates,
 )
 from .weights import HalfStepWeights
@@ -73,7 +73,7 @@ def launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse:
     """
     n_rows, dim = logdet.shape[0], mask.shape[0]
     acc = accumulator_dtype(x.dtype)
-    compute = weights.w_last.dtype
+    compute = streams.dtype  # the activations' dtype is the tl.dot operands'
     w = weights.present()
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
 
@@ -95,8 +95,8 @@ def launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse:
         scratch = [torch.empty_like(t) for t in (streams, hidden, y, logdet)]
         launch(tiles, *scratch, copy_to=None if copy_to is None else torch.empty_like(copy_to))
 
-    candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute)
-    tiles = choose_tiles(("forward", compute, dim, weights.hidden_width, weights.n_mlp), candidates, trial, x)
+    candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute, weights.w_last.dtype)
+    tiles = choose_tiles(("forward", compute, weights.w_last.dtype, dim, weights.hidden_width, weights.n_mlp), candidates, trial, x)
     launch_with_candidates(launch, tiles, candidates)
 
 
@@ -109,23 +109,26 @@ def coupling_half_step_forward(
     inverse: bool = False,
     save: bool = True,
     empty=torch.empty,
-):
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused half-step.
 
     Args:
         x: rows ``(N, D)`` contiguous; mask, s_scale, t_scale: ``(D,)`` contiguous, x's dtype
-            (the scales may be wider); weights: :class:`HalfStepWeights`, contiguous, in the
-            compute dtype (x's, or the autocast dtype).
+            (the scales may be wider); weights: :class:`HalfStepWeights`, contiguous, the
+            weights in the compute dtype or x's (the kernels cast them as they load them).
         inverse: the inverse half-step.
         save: keep every activation for :func:`coupling_half_step_backward`.
         empty: allocator with ``torch.empty``'s signature (tests pass a NaN-filling one).
+        compute_dtype: the dtype of the ``tl.dot`` operands and the activations (the autocast
+            dtype); the weights' by default.
     Returns:
         ``y (N, D)``, ``logdet (N,)`` (float64 for float64 x, else float32), and the
         activations ``streams (n_res + 1, 2, N, D)``, ``hidden (n_res * n_mlp, 2, N, H)`` in the
         compute dtype (fewer slots, reused, without ``save``).
     """
     n_rows, dim = x.shape
-    compute = weights.w_last.dtype
+    compute = weights.w_last.dtype if compute_dtype is None else compute_dtype
     stream_shape, hidden_shape = activation_shapes(n_rows, dim, weights, save)
     y = empty((n_rows, dim), dtype=x.dtype, device=x.device)
     logdet = empty((n_rows,), dtype=accumulator_dtype(x.dtype), device=x.device)
@@ -172,8 +175,8 @@ def backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Half
                     copy_to=None) -> tuple:
     """``(tiles, candidates)`` of :func:`coupling_half_step_bwd_kernel` (:func:`choose_tiles`,
     timed on this launch with scratch outputs); the partial sums' rows depend on the choice."""
-    dim, compute, acc = mask.shape[0], weights.w_last.dtype, accumulator_dtype(x.dtype)
-    candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute)
+    dim, compute, acc = mask.shape[0], streams.dtype, accumulator_dtype(x.dtype)
+    candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute, weights.w_last.dtype)
 
     def trial(tiles):
         partial = torch.empty((triton.cdiv(n_rows, tiles.block_rows), layout.width), dtype=acc, device=x.device)
@@ -182,7 +185,7 @@ def backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Half
                          partial, layout.offsets(0), n_rows, tiles, (tiles,), patches, gather, scatter,
                          None if copy_to is None else torch.empty_like(copy_to))
 
-    tiles = choose_tiles(("backward", compute, dim, weights.hidden_width, weights.n_mlp), candidates, trial, x)
+    tiles = choose_tiles(("backward", compute, weights.w_last.dtype, dim, weights.hidden_width, weights.n_mlp), candidates, trial, x)
     return tiles, candidates
 
 
@@ -198,7 +201,7 @@ def launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Hal
     """
     dim = mask.shape[0]
     acc = partial.dtype
-    compute = weights.w_last.dtype
+    compute = streams.dtype
     w = weights.present()
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
 
@@ -227,7 +230,7 @@ def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, stream
     """
     dim = weights.w_last.shape[-2]
     hidden_width, n_res, n_mlp = weights.hidden_width, weights.n_res, weights.n_mlp
-    compute = weights.w_last.dtype
+    compute = streams.dtype
     flags = dict(ACC_FP64=acc == torch.float64, DOT_TF32=dot_tf32(compute), DOT_UPCAST=dot_upcast(compute))
 
     def kind(src, grad, weight, slopes, grad_w, grad_b, src_slots, src_shift, grad_slots, grad_shift, in_w, out_w):
@@ -251,8 +254,8 @@ def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, stream
                 **flags,
             )
 
-        candidates = tile_candidates(n_rows, dim, hidden_width, compute)
-        tiles = choose_tiles(("weight_grad", compute, in_w, out_w), candidates,
+        candidates = tile_candidates(n_rows, dim, hidden_width, compute, weights.w_last.dtype)
+        tiles = choose_tiles(("weight_grad", compute, weights.w_last.dtype, in_w, out_w), candidates,
                              lambda tiles: launch(tiles, torch.empty_like(grad_w), torch.empty_like(grad_b)), grad)
         launch_with_candidates(launch, tiles, candidates)
 
@@ -282,8 +285,9 @@ def coupling_half_step_backward(
     streams: torch.Tensor,
     hidden: torch.Tensor,
     empty=torch.empty,
-):
-    """Gradients of :func:`coupling_half_step_forward` (run with ``save=True``).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HalfStepWeights]:
+    """Gradients of :func:`coupling_half_step_forward` (run with ``save=True``); the compute
+    dtype is the activations'.
 
     Args:
         grad_y ``(N, D)`` of x's dtype, contiguous, and grad_logdet ``(N,)`` (accumulator
@@ -295,7 +299,7 @@ def coupling_half_step_backward(
     """
     n_rows, dim = x.shape
     acc = accumulator_dtype(x.dtype)
-    compute = weights.w_last.dtype
+    compute = streams.dtype
     layout = partial_layout(dim, weights)
     grad_x = empty((n_rows, dim), dtype=x.dtype, device=x.device)
     args = (grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden)

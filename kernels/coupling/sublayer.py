@@ -1,4 +1,6 @@
 """Host side of a whole sublayer's fused couplings on whole images: ``2 * blocks`` half-step launches."""
+from typing import Optional
+
 import torch
 import triton
 
@@ -52,7 +54,8 @@ def sublayer_couplings_forward(
     keep_rows: bool,
     keep_activations: bool,
     empty=torch.empty,
-):
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every coupling half-step of a sublayer on whole images: ``2 * blocks`` launches.
 
     The first half-step gathers its rows from ``images`` through ``row_index`` and copies the
@@ -67,6 +70,8 @@ def sublayer_couplings_forward(
             shared: both half-steps of a block use one pair (:func:`half_step_order`).
         keep_rows: keep every half-step's input rows (for the backward); else two are reused.
         keep_activations: keep every half-step's activations (else the backward recomputes them).
+        compute_dtype: the dtype of the ``tl.dot`` operands and the activations (the autocast
+            dtype); the weights' by default (which may be wider: the kernels cast them as they load).
     Returns:
         ``out`` (images), ``logdet (B,)`` (float64 for float64 images, else float32), ``rows``
         ``(half-steps - 1, B*P, D)`` (input of half-step ``j + 1`` in run order at ``j``),
@@ -78,7 +83,7 @@ def sublayer_couplings_forward(
     pairs = s_scale.shape[0]
     order = half_step_order(pairs, shared, inverse)
     acc = accumulator_dtype(images.dtype)
-    compute = weights.w_last.dtype
+    compute = weights.w_last.dtype if compute_dtype is None else compute_dtype
     rows_shape, stream_shape, hidden_shape = sublayer_buffer_shapes(batch, row_index.shape, pairs, weights, shared,
                                                                     keep_rows, keep_activations)
     streams = empty(stream_shape, dtype=compute, device=images.device)
@@ -120,7 +125,8 @@ def sublayer_couplings_backward(
     recompute: bool,
     grad_images_needed: bool = True,
     empty=torch.empty,
-):
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HalfStepWeights]:
     """Gradients of :func:`sublayer_couplings_forward` (run with ``keep_rows``).
 
     Args:
@@ -129,6 +135,7 @@ def sublayer_couplings_backward(
         recompute: the forward kept no activations (``keep_activations=False``): each
             half-step's are recomputed from its input rows before its backward;
         grad_images_needed: else the pixels no patch covers get no gradient (not copied);
+        compute_dtype: as passed to the forward;
         the rest as passed to and returned by the forward.
     Returns:
         ``grad_images`` ``(B, C, L, L)``, ``grad_s_scale``, ``grad_t_scale`` ``(pairs, D)`` and a
@@ -141,7 +148,7 @@ def sublayer_couplings_backward(
     pairs = s_scale.shape[0]
     order = half_step_order(pairs, shared, inverse)
     acc = accumulator_dtype(images.dtype)
-    compute = weights.w_last.dtype
+    compute = weights.w_last.dtype if compute_dtype is None else compute_dtype
     first = pair_weights(weights, 0)
     uses = 2 if shared else 1
     layout = partial_layout(dim, first, pairs)

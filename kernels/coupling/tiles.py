@@ -10,7 +10,6 @@ from rgkern.core.cache import BoundedCache
 from .. import launch as _launch
 from ..launch import interpreter_requested
 
-
 # The narrowest tile over any width (``tl.dot`` needs every tile dimension >= 16).
 MIN_TILE = 16
 
@@ -27,6 +26,9 @@ class TileConfig(NamedTuple):
     #: The narrowest hidden tile this configuration may be narrowed to (:func:`tile_candidates`):
     #: a launch whose hidden width would need a narrower one does not use it.
     min_block_h: int = MIN_TILE
+    #: Whether launches whose weights are wider than the compute dtype (float32 weights under
+    #: autocast, cast as they are loaded) may use this configuration.
+    wide_weights: bool = True
 
 
 #: The configurations each fused kernel is tuned over on a CUDA device (:func:`choose_tiles`),
@@ -47,9 +49,11 @@ TUNING_CONFIGS = {
     # bfloat16 on 32 rows with 16-wide hidden tiles (hidden widths up to 16) spilled 24-32 B in
     # the forward kernels that gather from the image under 3.6 (255 registers; 4 or 16 warps,
     # 1 or 2 stages, or a 32-wide tile over 8 hidden columns spilled too), so such launches
-    # take the 16-row configuration (164-220 registers, no spills under either Triton).
-    torch.bfloat16: (TileConfig(32, 64, 32, 8, 3, min_block_h=32), TileConfig(16, 64, 32, 4, 3)),
-    torch.float16: (TileConfig(32, 64, 32, 8, 3, min_block_h=32), TileConfig(16, 64, 32, 4, 3)),
+    # take the 16-row configuration (164-220 registers, no spills under either Triton). With
+    # float32 weights under autocast the 32-row one spilled 4-28 B (forward at hidden 24 on
+    # sm_90, backward at 70 gathering from the image, Triton 3.9); the 16-row one spilled none.
+    torch.bfloat16: (TileConfig(32, 64, 32, 8, 3, min_block_h=32, wide_weights=False), TileConfig(16, 64, 32, 4, 3)),
+    torch.float16: (TileConfig(32, 64, 32, 8, 3, min_block_h=32, wide_weights=False), TileConfig(16, 64, 32, 4, 3)),
     # float64 multiplies by broadcast-and-sum (for the exactness tests, not for speed): one config.
     torch.float64: (TileConfig(16, 16, 16, 4, 3),),
 }
@@ -71,12 +75,13 @@ AUTOTUNE_ENV = "RGKERN_AUTOTUNE"
 WEIGHT_GRAD_MAX_ROWS = 32
 
 
-def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> tuple:
+def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> tuple:
     """The :class:`TileConfig`\\ s a launch may use, the default first.
 
     On a GPU :data:`TUNING_CONFIGS` of the compute ``dtype``, narrowed to the widths ``dim`` and
     ``hidden`` (equal ones once; those whose hidden tile would fall below their
-    ``min_block_h`` left out); never dependent on ``n_rows`` (``torch.compile`` with dynamic
+    ``min_block_h`` left out, and where the weights' ``weight_dtype`` is wider than ``dtype``
+    those not made for ``wide_weights``); never dependent on ``n_rows`` (``torch.compile`` with dynamic
     batch sizes must not specialise on it). Under the interpreter (outside
     :func:`~rgkern.kernels.launch.gpu_block_sizes`) one configuration, as wide as the data
     allows up to :data:`INTERPRETER_MAX_TILE`.
@@ -88,13 +93,14 @@ def tile_candidates(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> t
         cap = INTERPRETER_MAX_TILE
         return (TileConfig(width(n_rows, cap), width(dim, cap), width(hidden, cap), 4),)
     narrowed = (t._replace(block_d=width(dim, t.block_d), block_h=width(hidden, t.block_h)) for t in TUNING_CONFIGS[dtype])
-    return tuple(dict.fromkeys(t for t in narrowed if t.block_h >= t.min_block_h))
+    wide = weight_dtype is not None and weight_dtype.itemsize > dtype.itemsize
+    return tuple(dict.fromkeys(t for t in narrowed if t.block_h >= t.min_block_h and (t.wide_weights or not wide)))
 
 
-def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype) -> TileConfig:
+def tile_config(n_rows: int, dim: int, hidden: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> TileConfig:
     """The default block sizes for ``n_rows`` rows of width ``dim``, hidden width ``hidden``,
-    compute ``dtype``: the first of :func:`tile_candidates`."""
-    return tile_candidates(n_rows, dim, hidden, dtype)[0]
+    compute ``dtype`` (weights in ``weight_dtype``): the first of :func:`tile_candidates`."""
+    return tile_candidates(n_rows, dim, hidden, dtype, weight_dtype)[0]
 
 
 # Size of the cache (rgkern.core.cache) of the tiles timed fastest, per kernel, dtype, widths and device.

@@ -94,7 +94,7 @@ class PreparedFusedNetworks(NamedTuple):
     * ``half_steps[pair]``: the pair's :class:`~rgkern.kernels.coupling.HalfStepWeights`, its
       slices of ``stacked`` (:meth:`~rgkern.core.sublayer.Sublayer.coupling` on rows);
     * ``s_scales[pair]``, ``t_scales[pair]`` ``(D,)``: the coupling's scales;
-    * ``dtype``: the autocast dtype the weights were cast to (biases and slopes keep theirs),
+    * ``dtype``: the autocast dtype the kernels compute in (they cast the weights as they load them),
       or None.
     """
 
@@ -203,9 +203,9 @@ class CouplingNetworks(nn.Module):
         :class:`PreparedFusedNetworks`), in row order.
 
         The weight norm runs once per stacked tensor, as in :meth:`prepared_torch`, and the
-        residual's 1/sqrt(2) is folded into each block's last linear. Under autocast on
-        ``device`` only the weights are cast: the fused kernels read biases and slopes in
-        float32 anyway, and the weights are their only ``tl.dot`` operands.
+        residual's 1/sqrt(2) is folded into each block's last linear. Nothing is cast: under
+        autocast on ``device`` the kernels compute in the autocast dtype (``dtype``), casting the
+        weights as they load them, so a pass adds no cast kernels.
         """
         from ..kernels.coupling import HalfStepWeights  # the one import of the kernels (lazy: they import Triton)
 
@@ -218,8 +218,6 @@ class CouplingNetworks(nn.Module):
             if j == last:
                 g, b = g * SQRT_HALF, b * SQRT_HALF
             w = torch._weight_norm(v.reshape(-1, w_in), g.reshape(-1, 1), 0)
-            if cast is not None:
-                w = w.to(cast)
             weights.append(w.view(*lead, w_out, w_in))
             biases.append(b.view(*lead, w_out))
             slopes.append(slope.view(*lead, w_in))

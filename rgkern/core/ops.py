@@ -77,23 +77,36 @@ def scatter_patches(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor
     return reference.scatter_patches(x, rows, row_index)
 
 
-def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse: bool = False, backend: str = "torch"):
+def _weights_in(weights, dtype: torch.dtype | None):
+    """``weights`` (a ``HalfStepWeights``) with its matrices ``w_*`` in ``dtype`` (unchanged for None)."""
+    if dtype is None:
+        return weights
+    return type(weights)(*(None if t is None else t.to(dtype) if name.startswith("w_") else t
+                           for name, t in zip(weights._fields, weights)))
+
+
+def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse: bool = False, backend: str = "torch",
+                       compute_dtype: torch.dtype | None = None):
+    """``compute_dtype``: the matmuls' dtype (the autocast dtype); the kernels cast the weights
+    as they load them, the reference casts them first."""
     if backend == "triton":
         from ..kernels.coupling import coupling_half_step as kernel_coupling_half_step
 
-        return kernel_coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
-    return reference.coupling_half_step(x, mask, s_scale, t_scale, weights, inverse)
+        return kernel_coupling_half_step(x, mask, s_scale, t_scale, weights, inverse, compute_dtype)
+    return reference.coupling_half_step(x, mask, s_scale, t_scale, _weights_in(weights, compute_dtype), inverse)
 
 
 def sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared: bool = False,
-                       inverse: bool = False, recompute: bool = False, backend: str = "torch"):
+                       inverse: bool = False, recompute: bool = False, backend: str = "torch",
+                       compute_dtype: torch.dtype | None = None):
+    """``compute_dtype`` as for :func:`coupling_half_step`."""
     if backend == "triton":
         from ..kernels.coupling import sublayer_couplings as kernel_sublayer_couplings
 
         return kernel_sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
-                                         inverse, recompute)
-    return reference.sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared,
-                                        inverse, recompute)
+                                         inverse, recompute, compute_dtype)
+    return reference.sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale,
+                                        _weights_in(weights, compute_dtype), shared, inverse, recompute)
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ class Sublayer(nn.Module):
         if isinstance(prepared, PreparedFusedNetworks):
             mask = self.geometry.coupling_mask(rows.device, rows.dtype, flipped=bool(flipped))
             return ops.coupling_half_step(rows, mask, prepared.s_scales[pair], prepared.t_scales[pair],
-                                          prepared.half_steps[pair], inverse, backend)
+                                          prepared.half_steps[pair], inverse, backend, compute_dtype=prepared.dtype)
         first, second = rows
         conditioner, free = (second, first) if flipped else (first, second)
         raw = self.networks.run(conditioner, pair, prepared, bool(flipped))
@@ -142,4 +142,4 @@ class Sublayer(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not inverse
         return ops.sublayer_couplings(x, geometry.row_index(self.index, x.device), *masks, networks.s_scale,
                                       networks.t_scale, prepared.stacked, self.networks_per_block == 1, inverse,
-                                      recompute, backend="triton")
+                                      recompute, backend="triton", compute_dtype=prepared.dtype)
