@@ -38,7 +38,7 @@ HAS_CUDA = torch.cuda.is_available()
 COMPILE = HAS_CUDA and os.environ.get("RGKERN_BENCH_COMPILE", "1") != "0"
 COMPILE_KERNELS = COMPILE and os.environ.get("RGKERN_BENCH_COMPILE_KERNELS", "0") == "1"
 
-if HAS_CUDA:  # paper size (DESIGN.md section 1)
+if HAS_CUDA:  # paper size (docs/design.md section 1)
     BATCH = int(os.environ.get("RGKERN_BENCH_BATCH", "64"))
     MODEL = dict(image_size=32, channels=3)
 else:  # interpreter: prove it runs
@@ -140,10 +140,10 @@ def test_patches(benchmark, op, path, base_model, images, machine_limits):
     row_index = base_model.geometry.row_index(0, images.device)
     rows = ops.gather_patches(images, row_index, "torch")
     if op == "gather_patches":
-        fn = lambda: ops.gather_patches(images, row_index, backend)  # noqa: E731
+        fn = lambda: ops.gather_patches(images, row_index, backend)
         moved = 2 * rows.numel() * rows.element_size()
     else:
-        fn = lambda: ops.scatter_patches(images, rows, row_index, backend)  # noqa: E731
+        fn = lambda: ops.scatter_patches(images, rows, row_index, backend)
         moved = (2 * images.numel() + 2 * rows.numel()) * rows.element_size()  # copy + rows
     timed(benchmark, fn)
     record(benchmark, machine_limits, images=BATCH, bytes_moved=moved)

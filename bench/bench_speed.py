@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from rgkern.core.model import default_n_layers
-from rgkern.tools.sampling import sample_images
 from rgkern.tools.presets import TrainConfig
+from rgkern.tools.sampling import sample_images
 from rgkern.tools.train import Trainer
 
 HAS_CUDA = torch.cuda.is_available()

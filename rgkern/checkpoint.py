@@ -1,4 +1,4 @@
-"""``rgkern.checkpoint``: the checkpoint API of DESIGN.md section 6, in one place.
+"""``rgkern.checkpoint``: the checkpoint API of docs/design.md section 6, in one place.
 
 rgkern's own checkpoints (:mod:`rgkern.tools.checkpoint`, including the models shipped in
 ``rgkern/pretrained/``, ``load_pretrained("msds1-cpu")`` or ``"pretrained:msds1-cpu"`` as a

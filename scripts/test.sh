@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up rgkern and run the test suite. Extra arguments go to pytest (e.g. -x, -k name).
-# Fails when pytest fails, and also when it collects no tests (pytest's exit code 5).
+# Set up rgkern, lint it, and run the test suite. Extra arguments go to pytest (e.g. -x, -k name).
+# Fails on a lint error (ruff, configured in pyproject.toml), when pytest fails, and when it
+# collects no tests (pytest's exit code 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 set -e
 source scripts/setup.sh
+"$PYTHON" -m ruff check rgkern kernels tests bench scripts
 set +e
 "$PYTHON" -m pytest tests/ -q "$@"
 code=$?

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 import rgkern
-from rgkern.core import model, ops
+from rgkern.core import ops, reference
 from rgkern.core.geometry import Geometry
 
 __all__ = ["RGFlow", "Swish", "ResidualMLP", "AffineCoupling", "RNVPBlock", "Sublayer"]

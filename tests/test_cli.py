@@ -12,8 +12,8 @@ from PIL import Image
 
 from rgkern import cli
 from rgkern.tools.plots import GROUP_LABEL_HEIGHT, image_grid, plot_history, save_gif, save_image_grid, save_image_groups
-from rgkern.tools.sampling import parse_temperature, sample_images, temperature_label, write_sample_groups, write_samples
 from rgkern.tools.presets import make_config
+from rgkern.tools.sampling import parse_temperature, sample_images, temperature_label, write_sample_groups, write_samples
 from rgkern.tools.train import build_model
 
 

@@ -8,9 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rgkern.data import msds
-from rgkern.data import (CIFAR10, MSDS, DataNotFoundError, ImageFolder, generate_msds,
-                         load_dataset)
+from rgkern.data import CIFAR10, MSDS, DataNotFoundError, ImageFolder, generate_msds, load_dataset, msds
 
 N_STRUCT = 200          # images per kind for the pixel-structure checks
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
+from rgkern.cli import build_parser, main
 from rgkern.tools import explain
 from rgkern.tools.checkpoint import save_checkpoint
-from rgkern.cli import build_parser, main
-from utils import random_images, tiny_model
 
+from utils import random_images, tiny_model
 
 CONFIGS = [dict(L=8, C=3, k=2), dict(L=16, C=1, k=4), dict(L=16, C=1, k=4, variant="authors")]
 

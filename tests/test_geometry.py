@@ -1,4 +1,4 @@
-"""Geometry tables against a direct loop over DESIGN.md section 1's formulas."""
+"""Geometry tables against a direct loop over docs/design.md section 1's formulas."""
 import pytest
 import torch
 

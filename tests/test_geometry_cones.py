@@ -1,16 +1,15 @@
-"""Inference and generation cones (paper sec. 3.4, 3.5; DESIGN.md section 2).
+"""Inference and generation cones (paper sec. 3.4, 3.5; docs/design.md section 2).
 
 The cones come from dirty-set propagation in rgkern.core.geometry; here they are checked against
 brute force (perturb a pixel of a random float64 model and see which latents move, and the
-reverse for generation) and against the counts DESIGN.md section 2 quotes.
+reverse for generation) and against the counts docs/design.md section 2 quotes.
 """
 import pytest
 import torch
 
-import rgkern
 from rgkern.core.geometry import get_geometry
-from utils import tiny_model
 
+from utils import tiny_model
 
 VARIANTS = ["paper", "authors"]
 

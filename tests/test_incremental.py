@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-import rgkern
 from rgkern.locality.incremental import IncrementalDecoder, IncrementalEncoder
 from rgkern.locality.region import decode_region
-from utils import random_images
-from utils import tiny_model
+
+from utils import random_images, tiny_model
 
 
 def images(model, batch=2, seed=1):

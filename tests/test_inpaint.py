@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-import rgkern
-from utils import random_images
-from utils import tiny_model
 from rgkern.cli.inpaint import add_cli
-from rgkern.tools import checkpoint
 from rgkern.locality.inpaint import InpaintProblem, InpaintResult, central_known_mask, inpaint, psnr
+from rgkern.tools import checkpoint
+
+from utils import random_images, tiny_model
 
 
 def images(model, batch=2, seed=1):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each top-level package's source lives (setup.py: package_dir).
+# Where each top-level package's source lives (pyproject.toml: [tool.setuptools] package-dir).
 SOURCES = {"rgkern": ROOT / "rgkern", "rgkern.kernels": ROOT / "kernels"}
 
 # What each layer may import from rgkern (itself included).
@@ -29,7 +29,7 @@ ALLOWED = {
 STANDALONE = {"rgkern.core.errors", "rgkern.core.precision", "rgkern.core.cache"}
 # The package itself re-exports the public API from every layer, ``python -m rgkern``
 # (rgkern/__main__.py) is the command line's entry point, and ``rgkern.checkpoint`` is the
-# checkpoint facade of DESIGN.md section 6.
+# checkpoint facade of docs/design.md section 6.
 TOP = {"rgkern": None, "rgkern.__main__": {"rgkern.cli"}, "rgkern.checkpoint": {"rgkern.tools"}}
 
 

@@ -2,7 +2,7 @@
 
 The oracle is ``tests/legacy_model.py``, a frozen copy of the first layout (one
 ``nn.Linear`` per layer, separate s and t networks per half-step). Kernel and host-sync
-counts are exact work counts on the CPU (DESIGN.md section 9), not timings; they do not
+counts are exact work counts on the CPU (docs/design.md section 9), not timings; they do not
 depend on hidden size or batch, so a small hidden size counts as the paper's model does.
 """
 import pytest

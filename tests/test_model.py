@@ -6,6 +6,7 @@ import torch
 
 import rgkern
 from rgkern.tools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
 from utils import random_images, tiny_model
 
 

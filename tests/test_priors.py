@@ -7,6 +7,7 @@ import torch
 from rgkern.core.priors import GaussianPrior, LaplacePrior
 from rgkern.locality import inpaint as inpaint_module
 from rgkern.locality.inpaint import inpaint
+
 from utils import random_images, tiny_model
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -11,7 +11,6 @@ import torch
 
 from utils import assert_one_line_error, contents, run
 
-
 # ----------------------------------------------------------------------------- 1. bad command lines
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 

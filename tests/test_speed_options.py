@@ -16,9 +16,9 @@ import torch
 import rgkern
 from rgkern import cli
 from rgkern.tools.checkpoint import load_checkpoint, save_checkpoint
-from rgkern.tools.sampling import BF16_SAMPLE_TOLERANCE, check_writable, sample_images, write_samples
 from rgkern.tools.compile import COMPILE_BACKEND_ENV, compile_function
 from rgkern.tools.presets import make_config
+from rgkern.tools.sampling import BF16_SAMPLE_TOLERANCE, check_writable, sample_images, write_samples
 from rgkern.tools.train import CHECKPOINT_NAME, Trainer, build_model, load_images, train
 
 

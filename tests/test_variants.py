@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import rgkern
-from rgkern.cli import main as cli_main
-from authors_reference import authors_encode, authors_log_prob
 from rgkern.checkpoint import load_authors_checkpoint as facade_loader
+from rgkern.cli import main as cli_main
 from rgkern.tools.authors import (
     AuthorsCheckpointError,
     authors_state_dict,
@@ -15,6 +14,8 @@ from rgkern.tools.authors import (
     load_authors_checkpoint,
 )
 from rgkern.tools.checkpoint import load_model, save_checkpoint
+
+from authors_reference import authors_encode, authors_log_prob
 from utils import random_images, tiny_model
 
 
@@ -230,7 +231,7 @@ def test_region_plans_of_the_two_variants_of_one_size_are_not_shared():
 
 
 def test_design_api_name_is_the_same_function():
-    """DESIGN.md section 6 names rgkern.checkpoint.load_authors_checkpoint."""
+    """docs/design.md section 6 names rgkern.checkpoint.load_authors_checkpoint."""
     assert facade_loader is load_authors_checkpoint is rgkern.load_authors_checkpoint
 
 

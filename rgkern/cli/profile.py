@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.errors import InputError
 from .options import positive_int
 
 __all__ = ["add_cli", "run_profile"]

@@ -4,14 +4,14 @@ Everything here is index arithmetic on plain tensors (no ``nn.Module``), compute
 per ``(image_size, kernel_size, channels)`` and shared by the reference path, the Triton
 kernels, the incremental encoder and the explainability tools.
 
-Conventions (DESIGN.md section 1, paper eq. 6-9):
+Conventions (docs/design.md section 1, paper eq. 6-9):
 
 * ``L = k * 2**n``; levels ``h = 0 .. H-1`` with ``H = log2(L / k) + 1``.
 * In the x -> z direction every level applies two sublayers: the disentangler (offset
   ``k * 2**h / 2``) and the decimator (offset 0). With ``order="paper"`` (eq. 6-9) the
   disentangler comes first: sublayer ``s = 2*h`` is the disentangler of level ``h``,
   ``s = 2*h + 1`` its decimator. With ``order="authors"`` (the authors' published code,
-  DESIGN.md section 8) the decimator comes first. Everything that depends on the order
+  docs/design.md section 8) the decimator comes first. Everything that depends on the order
   (cones, plans, the incremental encoder) reads it from :attr:`Geometry.sublayers`.
 * A patch ``(p, q)`` of a sublayer with offset ``o``, dilation ``d = 2**h`` and stride
   ``k * d`` holds the pixels at rows ``(p*k*d + a*d + o) mod L`` and columns

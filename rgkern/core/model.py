@@ -25,7 +25,7 @@ from .sublayer import Sublayer
 
 __all__ = ["RGFlow", "VARIANTS", "INITS", "DEFAULT_INIT", "default_n_layers"]
 
-#: Model variants (DESIGN.md section 8). "paper": eq. 6-9 of the paper, the disentangler of a
+#: Model variants (docs/design.md section 8). "paper": eq. 6-9 of the paper, the disentangler of a
 #: level before its decimator, and each coupling half-step with its own (s, t) networks.
 #: "authors": the authors' published code, the decimator (offset 0) first, and one (s, t)
 #: pair per RNVP block shared by its two half-steps.
@@ -87,7 +87,7 @@ class RGFlow(nn.Module):
             not part of :attr:`config`, since it does not change the function. Also
             settable later as :attr:`activation_checkpointing`.
 
-    Defaults are the paper's CelebA/CIFAR model (DESIGN.md section 1).
+    Defaults are the paper's CelebA/CIFAR model (docs/design.md section 1).
     """
 
     def __init__(

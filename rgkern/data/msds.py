@@ -1,4 +1,4 @@
-"""The synthetic MSDS1 / MSDS2 datasets (paper sec. 4.1 and appendix B; DESIGN.md sec. 7).
+"""The synthetic MSDS1 / MSDS2 datasets (paper sec. 4.1 and appendix B; docs/design.md section 7).
 
 RGB 32x32 images on a black background, each a 4x4 grid of 8x8 cells with one
 oval per cell, generated with the parameters of the paper authors' own

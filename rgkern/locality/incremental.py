@@ -2,7 +2,7 @@
 
 Every sublayer of RG-Flow is local, so changing the pixels of a region changes only the
 latents in its inference cone, and changing some latents changes only the pixels in their
-generation cone (paper sec. 3.4, 3.5; DESIGN.md section 2). This module turns that into
+generation cone (paper sec. 3.4, 3.5; docs/design.md section 2). This module turns that into
 work saved:
 
 * :class:`IncrementalEncoder` keeps the input image of every sublayer from one full x -> z

@@ -2,7 +2,7 @@
 
 The authors' training script (github hongyehu/RG-Flow, ``code/main.py``) saves
 ``torch.save({"flow": flow.state_dict(), "optimizer": ...}, "<epoch>.state")``. Their flow
-is rgkern's ``variant="authors"`` (DESIGN.md section 8). Its state dict, for sublayer ``i``
+is rgkern's ``variant="authors"`` (docs/design.md section 8). Its state dict, for sublayer ``i``
 (``2h``: offset 0, ``2h + 1``: offset ``k * 2**h / 2``, the x -> z order of the "authors"
 geometry), RNVP block ``J``, network ``net`` (``s_layers`` / ``t_layers``), residual block
 ``r`` and linear ``j`` of it:

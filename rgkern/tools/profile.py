@@ -1,4 +1,4 @@
-"""Count the work a pass issues: kernels, host syncs, FLOPs and bytes (DESIGN.md section 9).
+"""Count the work a pass issues: kernels, host syncs, FLOPs and bytes (docs/design.md section 9).
 
 On machines without a GPU nothing can time a GPU kernel, but the work a pass issues can be
 counted exactly on the CPU, and at this model's sizes the count is what bounds the speed
