@@ -43,7 +43,7 @@ def coupling_half_step_bwd_kernel(
     linears (laid out as their slopes) at ``first_offset``, ``mid_offset``, ``last_offset``.
     """
     pid = tl.program_id(0)
-    rows, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
+    row_ids, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
     slot_stream = 2 * net_stream
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
@@ -55,14 +55,14 @@ def coupling_half_step_bwd_kernel(
     # part of grad_x, the scale-gradient partial sums.
     raw = streams_ptr + slot_stream * n_res
     grad_raw = grad_streams_ptr + slot_stream * n_res
-    grad_logdet = _load(grad_logdet_ptr + (rows // num_patches) * grad_logdet_stride, row_live, ACC_FP64, False)[:, None]
+    grad_logdet = _load(grad_logdet_ptr + (row_ids // num_patches) * grad_logdet_stride, row_live, ACC_FP64, False)[:, None]
     for d0 in range(0, DIM, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
-        offsets = rows[:, None] * DIM + cols[None, :]
-        y_offsets, y_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, SCATTER)
-        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        offsets = row_ids[:, None] * DIM + cols[None, :]
+        y_offsets, y_inside = _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM, SCATTER)
+        x_offsets, x_inside = _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
         grad_y = _load_entries(grad_y_ptr, y_offsets, y_inside, live, ACC_FP64)
         x = _load_entries(x_ptr, x_offsets, x_inside, live, ACC_FP64)
         s_raw = _load(raw + offsets, live, ACC_FP64, True)
@@ -99,7 +99,7 @@ def coupling_half_step_bwd_kernel(
                 slot = (i * n_mlp + n_mid).to(tl.int64)
                 _linear_input_grad(grad_out, w_last_ptr + mat * (DIM * HIDDEN), hidden_ptr + slot * slot_hidden + net * net_hidden,
                                    slope_last_ptr + mat * HIDDEN, grad_hidden_ptr + slot * slot_hidden + net * net_hidden,
-                                   grad_out, partial + last_offset + mat * HIDDEN, rows, row_live,
+                                   grad_out, partial + last_offset + mat * HIDDEN, row_ids, row_live,
                                    HIDDEN, DIM, False, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_D, BLOCK_H)
                 for back_mid in range(n_mid):
                     m = n_mid - 1 - back_mid
@@ -108,16 +108,16 @@ def coupling_half_step_bwd_kernel(
                     _linear_input_grad(grad_hidden_ptr + (slot + 1) * slot_hidden + net * net_hidden,
                                        w_mid_ptr + mid * (HIDDEN * HIDDEN), hidden_ptr + slot * slot_hidden + net * net_hidden,
                                        slope_mid_ptr + mid * HIDDEN, grad_hidden_ptr + slot * slot_hidden + net * net_hidden,
-                                       grad_out, partial + mid_offset + mid * HIDDEN, rows, row_live,
+                                       grad_out, partial + mid_offset + mid * HIDDEN, row_ids, row_live,
                                        HIDDEN, HIDDEN, False, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_H, BLOCK_H)
                 slot = (i * n_mlp).to(tl.int64)
                 _linear_input_grad(grad_hidden_ptr + slot * slot_hidden + net * net_hidden, w_first_ptr + mat * (HIDDEN * DIM),
                                    stream_in, slope_first_ptr + mat * DIM, grad_in, grad_out,
-                                   partial + first_offset + mat * DIM, rows, row_live,
+                                   partial + first_offset + mat * DIM, row_ids, row_live,
                                    DIM, HIDDEN, True, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_H, BLOCK_D)
             else:
                 _linear_input_grad(grad_out, w_last_ptr + mat * (DIM * DIM), stream_in, slope_last_ptr + mat * DIM,
-                                   grad_in, grad_out, partial + last_offset + mat * DIM, rows, row_live,
+                                   grad_in, grad_out, partial + last_offset + mat * DIM, row_ids, row_live,
                                    DIM, DIM, True, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_D, BLOCK_D)
 
     # The conditioner r_0 = x * mask feeds both networks.
@@ -125,8 +125,8 @@ def coupling_half_step_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
-        offsets = rows[:, None] * DIM + cols[None, :]
-        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        offsets = row_ids[:, None] * DIM + cols[None, :]
+        x_offsets, x_inside = _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
         m = _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]
         grad_cond = _load(grad_streams_ptr + offsets, live, ACC_FP64, True)
         grad_cond += _load(grad_streams_ptr + net_stream + offsets, live, ACC_FP64, True)

@@ -1,6 +1,6 @@
 """Device helpers of the fused coupling kernels: dots, loads, Swish, tanh, one linear forward and back.
 
-Every helper works on one program's block of rows; float64 data computes in float64, every
+Every helper works on one program's block of rows (``row_ids``, int64); float64 data computes in float64, every
 other dtype in float32 (``ACC_FP64``).
 """
 import math
@@ -118,7 +118,7 @@ def _sigmoid(z):
 
 @triton.jit
 def _linear_forward(
-    src, w, b, slope, dst, residual, rows, row_live,
+    src, w, b, slope, dst, residual, row_ids, row_live,
     IN_W: tl.constexpr, OUT_W: tl.constexpr, RESIDUAL: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
@@ -134,7 +134,7 @@ def _linear_forward(
         for k0 in range(0, IN_W, BLOCK_IN):
             ks = k0 + tl.arange(0, BLOCK_IN)
             k_live = ks < IN_W
-            u = _load(src + rows[:, None] * IN_W + ks[None, :], row_live[:, None] & k_live[None, :], ACC_FP64, True)
+            u = _load(src + row_ids[:, None] * IN_W + ks[None, :], row_live[:, None] & k_live[None, :], ACC_FP64, True)
             beta = _load(slope + ks, k_live, ACC_FP64, False)
             a = u * _sigmoid(beta[None, :] * u)
             # The weights may be wider than the activations (float32 under autocast): cast as loaded.
@@ -142,7 +142,7 @@ def _linear_forward(
             wt = wt.to(dst.dtype.element_ty)
             acc = _dot(a.to(wt.dtype), wt, acc, ACC_FP64, DOT_TF32, DOT_UPCAST)
         out = acc + _load(b + cols, col_live, ACC_FP64, False)[None, :]
-        offsets = rows[:, None] * OUT_W + cols[None, :]
+        offsets = row_ids[:, None] * OUT_W + cols[None, :]
         live = row_live[:, None] & col_live[None, :]
         if RESIDUAL:
             out += SQRT_HALF * _load(residual + offsets, live, ACC_FP64, True)
@@ -152,7 +152,7 @@ def _linear_forward(
 
 @triton.jit
 def _linear_input_grad(
-    grad_out, w, src, slope, grad_src, grad_residual, partial, rows, row_live,
+    grad_out, w, src, slope, grad_src, grad_residual, partial, row_ids, row_live,
     IN_W: tl.constexpr, OUT_W: tl.constexpr, RESIDUAL: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_TF32: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
@@ -171,11 +171,11 @@ def _linear_input_grad(
         for o0 in range(0, OUT_W, BLOCK_OUT):
             os = o0 + tl.arange(0, BLOCK_OUT)
             o_live = os < OUT_W
-            g = tl.load(grad_out + rows[:, None] * OUT_W + os[None, :], mask=row_live[:, None] & o_live[None, :],
+            g = tl.load(grad_out + row_ids[:, None] * OUT_W + os[None, :], mask=row_live[:, None] & o_live[None, :],
                         other=0.0, cache_modifier=".cg")
             wt = tl.load(w + os[:, None] * IN_W + ks[None, :], mask=o_live[:, None] & k_live[None, :], other=0.0)
             acc = _dot(g, wt.to(g.dtype), acc, ACC_FP64, DOT_TF32, DOT_UPCAST)
-        offsets = rows[:, None] * IN_W + ks[None, :]
+        offsets = row_ids[:, None] * IN_W + ks[None, :]
         live = row_live[:, None] & k_live[None, :]
         u = _load(src + offsets, live, ACC_FP64, True)
         beta = _load(slope + ks, k_live, ACC_FP64, False)[None, :]
@@ -191,28 +191,28 @@ def _linear_input_grad(
 
 @triton.jit
 def _row_block(pid, n_rows, DIM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """Program ``pid``'s rows (int64), which are live, and the int64 strides of one network in
+    """Program ``pid``'s row ids (int64), which are live, and the int64 strides of one network in
     the ``(slots, 2, n_rows, DIM)`` stream and ``(slots, 2, n_rows, HIDDEN)`` hidden buffers."""
-    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    return rows, rows < n_rows, tl.full([], DIM, tl.int64) * n_rows, tl.full([], HIDDEN, tl.int64) * n_rows
+    row_ids = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return row_ids, row_ids < n_rows, tl.full([], DIM, tl.int64) * n_rows, tl.full([], HIDDEN, tl.int64) * n_rows
 
 
 @triton.jit
-def _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM: tl.constexpr, IMAGES: tl.constexpr):
-    """Offsets of the row entries ``(rows, cols)`` and which of them may be touched.
+def _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM: tl.constexpr, IMAGES: tl.constexpr):
+    """Offsets of the row entries ``(row_ids, cols)`` and which of them may be touched.
 
     Plain rows: row-major ``(n_rows, DIM)``. ``IMAGES``: elements of images ``(B, image_numel)``
     through the patch table ``row_index (num_patches, DIM)``, row ``b * num_patches + p`` being
     patch ``p`` of image ``b``; an index outside ``[0, image_numel)`` is never touched.
     """
     if IMAGES:
-        sample = rows // num_patches
-        patch = rows - sample * num_patches
+        sample = row_ids // num_patches
+        patch = row_ids - sample * num_patches
         index = tl.load(row_index_ptr + patch[:, None] * DIM + cols[None, :], mask=live, other=0).to(tl.int64)
         offsets = sample[:, None] * image_numel + index
         inside = live & (index >= 0) & (index < image_numel)
     else:
-        offsets = rows[:, None] * DIM + cols[None, :]
+        offsets = row_ids[:, None] * DIM + cols[None, :]
         inside = live
     return offsets, inside
 

@@ -32,7 +32,7 @@ def coupling_half_step_fwd_kernel(
     slot ``(i * n_mlp + j) % hidden_slots`` with ``n_mlp = n_mid + 1``.
     """
     pid = tl.program_id(0)
-    rows, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
+    row_ids, row_live, net_stream, net_hidden = _row_block(pid, n_rows, DIM, HIDDEN, BLOCK_ROWS)
     slot_stream = 2 * net_stream
     slot_hidden = 2 * net_hidden
     n_mlp = n_mid + 1
@@ -44,10 +44,10 @@ def coupling_half_step_fwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
-        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        x_offsets, x_inside = _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
         x = _load_entries(x_ptr, x_offsets, x_inside, live, ACC_FP64)
         cond = (x * _load(mask_ptr + cols, col_live, ACC_FP64, False)[None, :]).to(streams_ptr.dtype.element_ty)
-        offsets = rows[:, None] * DIM + cols[None, :]
+        offsets = row_ids[:, None] * DIM + cols[None, :]
         tl.store(streams_ptr + offsets, cond, mask=live)
         tl.store(streams_ptr + net_stream + offsets, cond, mask=live)
     tl.debug_barrier()
@@ -60,21 +60,21 @@ def coupling_half_step_fwd_kernel(
             if HAS_HIDDEN:
                 h_out = hidden_ptr + ((i * n_mlp) % hidden_slots).to(tl.int64) * slot_hidden + net * net_hidden
                 _linear_forward(stream_in, w_first_ptr + mat * (HIDDEN * DIM), b_first_ptr + mat * HIDDEN,
-                                slope_first_ptr + mat * DIM, h_out, h_out, rows, row_live,
+                                slope_first_ptr + mat * DIM, h_out, h_out, row_ids, row_live,
                                 DIM, HIDDEN, False, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_H, BLOCK_D)
                 for m in range(n_mid):
                     h_in = h_out
                     h_out = hidden_ptr + ((i * n_mlp + m + 1) % hidden_slots).to(tl.int64) * slot_hidden + net * net_hidden
                     mid = (m * n_res * 2 + mat).to(tl.int64)
                     _linear_forward(h_in, w_mid_ptr + mid * (HIDDEN * HIDDEN), b_mid_ptr + mid * HIDDEN,
-                                    slope_mid_ptr + mid * HIDDEN, h_out, h_out, rows, row_live,
+                                    slope_mid_ptr + mid * HIDDEN, h_out, h_out, row_ids, row_live,
                                     HIDDEN, HIDDEN, False, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_H, BLOCK_H)
                 _linear_forward(h_out, w_last_ptr + mat * (DIM * HIDDEN), b_last_ptr + mat * DIM,
-                                slope_last_ptr + mat * HIDDEN, stream_out, stream_in, rows, row_live,
+                                slope_last_ptr + mat * HIDDEN, stream_out, stream_in, row_ids, row_live,
                                 HIDDEN, DIM, True, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_D, BLOCK_H)
             else:
                 _linear_forward(stream_in, w_last_ptr + mat * (DIM * DIM), b_last_ptr + mat * DIM,
-                                slope_last_ptr + mat * DIM, stream_out, stream_in, rows, row_live,
+                                slope_last_ptr + mat * DIM, stream_out, stream_in, row_ids, row_live,
                                 DIM, DIM, True, ACC_FP64, DOT_TF32, DOT_UPCAST, BLOCK_ROWS, BLOCK_D, BLOCK_D)
 
     # The coupling on the final streams (s_raw: network 0, t_raw: network 1).
@@ -84,8 +84,8 @@ def coupling_half_step_fwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_live = cols < DIM
         live = row_live[:, None] & col_live[None, :]
-        offsets = rows[:, None] * DIM + cols[None, :]
-        x_offsets, x_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
+        offsets = row_ids[:, None] * DIM + cols[None, :]
+        x_offsets, x_inside = _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM, GATHER)
         x = _load_entries(x_ptr, x_offsets, x_inside, live, ACC_FP64)
         s_raw = _load(raw + offsets, live, ACC_FP64, True)
         t_raw = _load(raw + net_stream + offsets, live, ACC_FP64, True)
@@ -99,10 +99,10 @@ def coupling_half_step_fwd_kernel(
         else:
             y = x * tl.exp(s) + t
             logdet += tl.sum(s, axis=1)
-        y_offsets, y_inside = _entries(rows, cols, live, row_index_ptr, num_patches, image_numel, DIM, SCATTER)
+        y_offsets, y_inside = _entries(row_ids, cols, live, row_index_ptr, num_patches, image_numel, DIM, SCATTER)
         tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=y_inside)
     if ACCUMULATE:
         # Earlier half-steps' sum first, as ``logdet + ld`` on the host would add them.
-        logdet = _load(logdet_ptr + rows, row_live, ACC_FP64, False) + logdet
-    tl.store(logdet_ptr + rows, logdet.to(logdet_ptr.dtype.element_ty), mask=row_live)
+        logdet = _load(logdet_ptr + row_ids, row_live, ACC_FP64, False) + logdet
+    tl.store(logdet_ptr + row_ids, logdet.to(logdet_ptr.dtype.element_ty), mask=row_live)
 
