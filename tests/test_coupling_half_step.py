@@ -317,14 +317,27 @@ MODEL_CASES = [
 ]
 
 
+# Model-level float32 parameter gradients: see test_fused_model_matches_the_reference_model.
+MODEL_GRADIENT_BOUND_FLOAT32 = 1e-4
+
+
 @pytest.mark.parametrize("L,C,k,dtype", MODEL_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_fused_model_matches_the_reference_model(L, C, k, dtype):
     """encode, decode, log-det and every parameter gradient: within 1e-10 of the reference in
-    float64; in float32 within 1e-5 of the float64 reference, or twice the float32 torch
-    reference's own error where that is larger.
+    float64; in float32 the outputs within 1e-5 of the float64 reference, or twice the float32
+    torch reference's own error where that is larger, and the parameter gradients within
+    1e-4 (:data:`MODEL_GRADIENT_BOUND_FLOAT32`).
 
-    At model level a float32 gradient carries the rounding of every sublayer's input,
-    amplified (up to ~70x at L = 64), and equally valid float32 evaluations round differently:
+    Why the float32 gradients have their own bound: at model level a float32 gradient carries
+    the rounding of every sublayer's input and upstream gradient, amplified by everything
+    downstream (up to ~70x at L = 64), in an order that depends on the CPU's summation (the
+    torch reference's matmuls, the interpreter's NumPy dots): on one machine an s-scale
+    gradient at L = 32, C = 3 was 8.4e-6 off, on another 1.27e-5 against the torch reference's
+    2.6e-6. Their precision is held where it does not depend on that, per sublayer from exact
+    inputs to a flat 1e-5 (:func:`test_fused_sublayers_within_1e5_of_float64_from_exact_inputs`,
+    on these sizes too). Here they prove the plumbing between sublayers, which a mis-wired or
+    missing gradient would miss by O(1): 1e-4 is ten times the rounding seen and 1e4 times below
+    that. Equally valid float32 evaluations round differently:
     at L = 64, C = 1, k = 4 the fused path's slope gradient of sublayer 9 is 3.2e-5 off, the
     torch reference's 7.1e-6 (1.96e-5 before the torch path moved to checkerboard halves), the
     op-level reference's (``reference.sublayer_couplings``) 8.2e-6, while from exact inputs the
@@ -355,12 +368,14 @@ def test_fused_model_matches_the_reference_model(L, C, k, dtype):
     exact, peer, actual = (results(m) for m in (exact_model, reference_model, kernel_model))
     assert relative_error(exact[0], x) > 1e-3, "the couplings should not be the identity"
     names = ["z", "logdet", "decode"] + [name for name, _ in kernel_model.named_parameters()]
-    for name, got, expected, same_dtype in zip(names, actual, exact, peer):
+    for index, (name, got, expected, same_dtype) in enumerate(zip(names, actual, exact, peer)):
         assert expected.abs().sum() > 0, name
-        assert relative_error(got, expected) < max(floor, 2 * relative_error(same_dtype, expected)), name
+        bound = floor if index < 3 or dtype == torch.float64 else MODEL_GRADIENT_BOUND_FLOAT32
+        assert relative_error(got, expected) < max(bound, 2 * relative_error(same_dtype, expected)), name
 
 
-SUBLAYER_CASES = [(64, 1, 4), (64, 3, 4), (32, 1, 2)]
+# L = 64 and the float32 sizes of MODEL_CASES, whose gradients are held to 1e-5 here.
+SUBLAYER_CASES = [(64, 1, 4), (64, 3, 4), (32, 1, 2), (32, 3, 4), (16, 1, 2), (8, 3, 2)]
 
 
 @pytest.mark.parametrize("L,C,k", SUBLAYER_CASES, ids=str)
