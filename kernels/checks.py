@@ -48,22 +48,22 @@ def check_same(reference_name: str, reference: torch.Tensor, name: str, value: t
         )
 
 
-def check_image(name: str, x) -> torch.Tensor:
-    """A floating-point ``(B, C, L, L)`` tensor on a device the kernels run on, made contiguous."""
-    check_tensor(name, x, FLOAT_DTYPES, "a floating-point image")
-    if x.dim() != 4:
-        raise InputError(f"{name} must be 4-D (B, C, L, L), got shape {tuple(x.shape)}")
+def _check_kernel_input(name: str, x, kind: str, dims: int, layout: str) -> torch.Tensor:
+    check_tensor(name, x, FLOAT_DTYPES, f"a floating-point {kind}")
+    if x.dim() != dims:
+        raise InputError(f"{name} must be {dims}-D {layout}, got shape {tuple(x.shape)}")
     require_triton(x.device, name)
     return x
+
+
+def check_image(name: str, x) -> torch.Tensor:
+    """A floating-point ``(B, C, L, L)`` tensor on a device the kernels run on."""
+    return _check_kernel_input(name, x, "image", 4, "(B, C, L, L)")
 
 
 def check_rows(name: str, x) -> torch.Tensor:
     """Floating-point patch rows ``(N, D)`` on a device the kernels run on."""
-    check_tensor(name, x, FLOAT_DTYPES, "floating-point patch rows")
-    if x.dim() != 2:
-        raise InputError(f"{name} must be 2-D patch rows (N, D), got shape {tuple(x.shape)}")
-    require_triton(x.device, name)
-    return x
+    return _check_kernel_input(name, x, "patch rows", 2, "patch rows (N, D)")
 
 
 def check_row_index(row_index, x: torch.Tensor) -> torch.Tensor:

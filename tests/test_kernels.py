@@ -59,13 +59,17 @@ def geometry_id(params):
     return f"L{L}-C{C}-k{k}"
 
 
+def geometry_and_images(params, dtype, device) -> tuple:
+    """The shared geometry of ``(L, C, k)`` and two random images of it."""
+    L, C, k = params
+    return get_geometry(L, k, C), torch.randn(2, C, L, L, dtype=dtype, device=device)
+
+
 # --------------------------------------------------------------------------- gather / scatter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
 def test_gather_patches_matches_reference(geometry, dtype, device):
-    L, C, k = geometry
-    geo = get_geometry(L, k, C)
-    x = torch.randn(2, C, L, L, dtype=dtype, device=device)
+    geo, x = geometry_and_images(geometry, dtype, device)
     for sublayer in range(len(geo.sublayers)):
         row_index = geo.row_index(sublayer, device)
         expected = reference.gather_patches(x, row_index)
@@ -81,9 +85,7 @@ def test_gather_patches_matches_reference(geometry, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
 def test_scatter_patches_matches_reference(geometry, dtype, device):
-    L, C, k = geometry
-    geo = get_geometry(L, k, C)
-    x = torch.randn(2, C, L, L, dtype=dtype, device=device)
+    geo, x = geometry_and_images(geometry, dtype, device)
     x_before = x.clone()
     for sublayer in range(len(geo.sublayers)):
         row_index = geo.row_index(sublayer, device)
