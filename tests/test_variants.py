@@ -16,7 +16,7 @@ from rgkern.tools.authors import (
 from rgkern.tools.checkpoint import load_model, save_checkpoint
 
 from authors_reference import authors_encode, authors_log_prob
-from utils import random_images, tiny_model
+from utils import random_authors_model, random_images, tiny_model
 
 
 def authors_parameter_count(L, C, k, n_layers, hidden, n_res, n_mlp):
@@ -30,18 +30,6 @@ def authors_parameter_count(L, C, k, n_layers, hidden, n_res, n_mlp):
     widths = [D] + [hidden] * n_mlp + [D]
     per_net = n_res * sum(w_in + w_out * w_in + 2 * w_out for w_in, w_out in zip(widths[:-1], widths[1:])) + D
     return sum(2 * blocks * 2 * per_net for blocks in n_layers)
-
-
-def random_authors_model(L=16, C=3, k=4, dtype=torch.float64, **kwargs):
-    settings = dict(n_layers=(2, 1, 1), hidden=8, n_res=2, n_mlp=1, variant="authors")
-    settings.update(kwargs)
-    model = tiny_model(L, C, k, dtype=dtype, **settings)
-    with torch.no_grad():  # non-trivial slopes, magnitudes and biases too
-        g = torch.Generator().manual_seed(7)
-        for name, p in model.named_parameters():
-            if "slopes" in name or "magnitudes" in name or "biases" in name:
-                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)).add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
 
 
 # ----------------------------------------------------------------------------- the variant

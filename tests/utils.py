@@ -36,6 +36,19 @@ def tiny_model(L=8, C=1, k=4, dtype=torch.float64, seed=0, scale_std=0.5, **kwar
     return model
 
 
+def random_authors_model(L=16, C=3, k=4, dtype=torch.float64, **kwargs):
+    """A variant="authors" model whose slopes, magnitudes and biases are off their initial values too."""
+    settings = dict(n_layers=(2, 1, 1), hidden=8, n_res=2, n_mlp=1, variant="authors")
+    settings.update(kwargs)
+    model = tiny_model(L, C, k, dtype=dtype, **settings)
+    with torch.no_grad():  # non-trivial slopes, magnitudes and biases too
+        g = torch.Generator().manual_seed(7)
+        for name, p in model.named_parameters():
+            if "slopes" in name or "magnitudes" in name or "biases" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)).add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
 def random_images(model, batch=3, seed=1, scale=1.5):
     g = torch.Generator().manual_seed(seed)
     L, C = model.image_size, model.channels

@@ -16,7 +16,9 @@ geometry), RNVP block ``J``, network ``net`` (``s_layers`` / ``t_layers``), resi
 * ``layers.i.mask_left`` / ``mask_right`` ``(C, k, k)``: the checkerboard masks;
 * ``prior.scale``: the prior's scale at temperature 1 (``1/sqrt(2)`` Laplace, ``1`` Gaussian).
 
-A ``module.`` prefix (their multi-GPU ``DataParallel`` wrapper) is stripped. Everything about
+A ``module.`` or ``module.net.`` prefix (their multi-GPU wrappers) is stripped. Every tensor
+must have exactly the shape the authors' modules give it, and ``prior.scale`` must name the
+prior (or ``prior=`` be passed). Everything about
 the architecture is read from the names and shapes: C and k from the masks, H from the number
 of sublayers (so ``L = k * 2**(H-1)``), and per level the blocks, residual blocks, linears
 and hidden width.
@@ -54,8 +56,20 @@ def _tensors(state: dict) -> dict:
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise AuthorsCheckpointError(f"entry {key!r} of the flow state dict is a {type(value).__name__}, expected a tensor")
-        out[key[len("module."):] if key.startswith("module.") else key] = value
+        out[_strip_wrapper(key)] = value
     return out
+
+
+# Key prefixes of the authors' multi-GPU wrappers: DataParallel's "module.", and their
+# data_parallel_wrap's "module.net." (longest first).
+_WRAPPER_PREFIXES = ("module.net.", "module.")
+
+
+def _strip_wrapper(key: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def _parse(state: dict) -> tuple[dict, dict, dict, dict]:
@@ -124,17 +138,35 @@ def _architecture(linears: dict, masks: dict, other: dict) -> dict:
         settings[name] = tuple(values)
     # A level without hidden layers has no hidden width; any value builds the same model.
     settings["hidden"] = tuple(8 if v is None else v for v in settings["hidden"])
-    prior = None
-    if "prior.scale" in other:
-        scale = float(other["prior.scale"])
-        prior = next((name for name, s in PRIOR_SCALES.items() if abs(scale - s) < 1e-6), None)
-        if prior is None:
-            raise AuthorsCheckpointError(
-                f"prior.scale is {scale}, expected {PRIOR_SCALES['laplace']:.6f} (Laplace) or 1.0 (Gaussian) at temperature 1; "
-                "pass prior=... to choose one"
-            )
     return dict(image_size=kernel_size * 2 ** (num_levels - 1), channels=channels, kernel_size=kernel_size,
-                prior=prior or "laplace", **settings)
+                **settings)
+
+
+def _prior(other: dict) -> str:
+    """The prior a file's ``prior.scale`` names, compared in the file's precision (a float16 file
+    holds 1/sqrt(2) as 0.70703125)."""
+    if "prior.scale" not in other:
+        raise AuthorsCheckpointError(
+            "the state dict has no prior.scale, so its prior cannot be inferred; pass prior='laplace' or "
+            "prior='gaussian' (import-authors: --prior laplace or --prior gaussian)"
+        )
+    value = other["prior.scale"]
+    scale = float(value)
+    tolerance = max(1e-6, torch.finfo(value.dtype).eps) if value.dtype.is_floating_point else 1e-6
+    prior = next((name for name, s in PRIOR_SCALES.items() if abs(scale - s) <= tolerance * s), None)
+    if prior is None:
+        raise AuthorsCheckpointError(
+            f"prior.scale is {scale}, expected {PRIOR_SCALES['laplace']:.6f} (Laplace) or 1.0 (Gaussian) at temperature 1; "
+            "pass prior=... to choose one"
+        )
+    return prior
+
+
+def _authors_shape(what: str, rgkern_shape: torch.Size) -> tuple:
+    """The shape the authors' modules give a tensor that rgkern holds as ``rgkern_shape``: the
+    Swish slope ``(w_in,)`` and the bias ``(w_out,)`` flat, weight_g ``(w_out, 1)`` and weight_v
+    ``(w_out, w_in)`` as they are (rgkern's layout, as :func:`authors_state_dict` writes it)."""
+    return (rgkern_shape[-1],) if what in ("slope", "bias") else tuple(rgkern_shape)
 
 
 def convert_authors_state_dict(state: dict, **overrides) -> tuple[RGFlow, dict]:
@@ -149,6 +181,7 @@ def convert_authors_state_dict(state: dict, **overrides) -> tuple[RGFlow, dict]:
     state = _tensors(state)
     linears, scales, masks, other = _parse(state)
     config = _architecture(linears, masks, other)
+    config["prior"] = overrides["prior"] if "prior" in overrides else _prior(other)
     unknown = sorted(k for k in other if k != "prior.scale")
     if unknown:
         raise AuthorsCheckpointError(f"unexpected tensor {unknown[0]!r} in the authors' state dict ({len(unknown)} unexpected in all)")
@@ -174,11 +207,9 @@ def convert_authors_state_dict(state: dict, **overrides) -> tuple[RGFlow, dict]:
                                     f"missing tensor {what!r} of layers.{i}.{net}.{J}.res_blocks.{r}.{module}"
                                 )
                             key, value = entry
-                            if value.numel() != stacked[J, r, n].numel():
-                                raise AuthorsCheckpointError(
-                                    f"{key} has shape {tuple(value.shape)}, expected {stacked[J, r, n].numel()} values "
-                                    f"({tuple(stacked[J, r, n].shape)} in rgkern's layout)"
-                                )
+                            expected = _authors_shape(what, stacked[J, r, n].shape)
+                            if tuple(value.shape) != expected:
+                                raise AuthorsCheckpointError(f"{key} has shape {tuple(value.shape)}, expected {expected}")
                             stacked[J, r, n] = value.reshape(stacked[J, r, n].shape)
                             used.add(key)
                 out[f"{prefix}.{name}.{j}"] = stacked
@@ -186,8 +217,8 @@ def convert_authors_state_dict(state: dict, **overrides) -> tuple[RGFlow, dict]:
             rows = []
             for J in range(nets.pairs):
                 key, value = scales.get((i, net, J), (f"layers.{i}.{net}.{J}.scale.scale", None))
-                if value is None or value.numel() != nets.dim:
-                    raise AuthorsCheckpointError(f"{key} must hold {nets.dim} values, got {None if value is None else tuple(value.shape)}")
+                if value is None or tuple(value.shape) != (nets.dim,):
+                    raise AuthorsCheckpointError(f"{key} must have shape ({nets.dim},), got {None if value is None else tuple(value.shape)}")
                 rows.append(value.reshape(nets.dim))
                 used.add(key)
             out[f"{prefix}.{scale_name}"] = torch.stack(rows).double()
