@@ -121,6 +121,18 @@ def test_the_lock_api(held_folder, tmp_path):
     assert not (tmp_path / "mine" / LOCK_NAME).exists()  # released and removed
 
 
+def test_a_link_planted_at_the_lock_is_refused_and_its_target_left_alone(tmp_path):
+    folder, outside = tmp_path / "run", tmp_path / "outside.txt"
+    folder.mkdir()
+    outside.write_text("precious")
+    (folder / LOCK_NAME).symlink_to(outside)
+    with pytest.raises(OSError, match="is a symbolic link"):
+        with run_lock(folder):
+            pass
+    assert outside.read_text() == "precious"
+    assert (folder / LOCK_NAME).is_symlink()  # left for the user to look at
+
+
 def test_a_finished_run_leaves_no_lock_or_temporary_file(run_folder):
     assert dot_files(run_folder) == []
 

@@ -77,7 +77,8 @@ def create_temporary(path, suffix: str = ".tmp") -> Path:
         if suffix != ".tmp":
             tmp = tmp.with_name(tmp.name[: -len(".tmp")] + suffix)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            # O_EXCL (with O_CREAT) never follows a link: a planted one is a name taken, not a target.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except FileExistsError:
             continue
         os.close(fd)
@@ -302,8 +303,15 @@ class RunLock:
             ) from None
         for _ in range(50):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                # O_NOFOLLOW: a link planted at the lock's path is refused, never written through.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o666)
             except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise file_error(
+                        error.errno,
+                        f"run folder {str(self.folder)!r}: its lock file {str(self.path)!r} is a symbolic link; "
+                        "remove it (rgkern never writes through a link there)",
+                    ) from None
                 raise file_error(
                     error.errno,
                     f"output folder {str(self.folder)!r} is not writable: cannot create its lock file "
