@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -359,6 +361,17 @@ def test_image_folder_rgb(image_dir):
     assert ds.images.dtype == torch.uint8 and ds.images.shape == (4, 3, 8, 8)
     for i, rel in enumerate(order):
         np.testing.assert_array_equal(ds[i].numpy(), arrays[rel].transpose(2, 0, 1))
+
+
+def test_a_fifo_in_an_image_folder_is_refused_not_waited_on(image_dir):
+    """A FIFO named like an image blocked the loader forever; run in a child with a time limit
+    so that the old behaviour fails the test instead of hanging the suite."""
+    root, _ = image_dir
+    os.mkfifo(root / "sub" / "pipe.png")
+    script = "import sys\nfrom rgkern.data import ImageFolder\ntry:\n    ImageFolder(sys.argv[1])\n" \
+             "except ValueError as error:\n    print(error)\n"
+    result = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=120)
+    assert "pipe.png is not a regular file" in result.stdout, result.stdout + result.stderr
 
 
 def test_image_folder_grey(image_dir):

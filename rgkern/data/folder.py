@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -27,7 +28,15 @@ def _list_images(root: Path) -> List[Path]:
         dirnames.sort()
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(Path(dirpath) / name)
+                path = Path(dirpath) / name
+                # A FIFO or device named like an image would block the loader (or read forever).
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError as error:  # e.g. a link to nothing
+                    raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
+                if not regular:
+                    raise InputError(f"{path} is not a regular file (a FIFO, socket or device); move it out of the image folder")
+                files.append(path)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
