@@ -1,5 +1,8 @@
 """The reference RGFlow: invertibility, exact log-det, priors, sampling, bad input."""
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -204,6 +207,25 @@ def test_unknown_prior_and_backend():
 def test_n_layers_of_wrong_length():
     with pytest.raises(ValueError, match="n_layers has 4 entries"):
         rgkern.RGFlow(16, 1, 4, n_layers=(1, 1, 1, 1))
+
+
+def test_a_sublayer_of_zero_blocks_is_the_identity_not_a_signal():
+    """n_layers=0 killed the process with SIGFPE (a weight norm over zero rows); it is the identity.
+
+    Run in a child process so that a signal fails the test instead of ending the suite."""
+    script = textwrap.dedent("""
+        import torch, rgkern
+        x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        for n_layers in (0, (0, 1)):
+            model = rgkern.RGFlow(8, 1, 4, n_layers=n_layers)
+            z, logdet = model.encode(x)
+            assert torch.isfinite(model.log_prob(x)).all() and model.sample(2).shape == (2, 1, 8, 8)
+            if n_layers == 0:
+                assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(2)) and torch.equal(model.decode(z), x)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-2000:])
 
 
 def test_checkpoint_round_trip_and_config_mismatch(tmp_path):

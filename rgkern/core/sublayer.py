@@ -97,8 +97,10 @@ class Sublayer(nn.Module):
 
     def _blocks(self, rows: torch.Tensor, inverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The block stack on rows ``(N, D)``: row order for ``"triton"``, checkerboard order for ``"torch"``."""
-        prepared = self.prepared(rows.device, backend)
         logdet = rows.new_zeros(rows.shape[0], dtype=accumulator_dtype(rows.dtype))
+        if self.num_blocks == 0:  # the identity (its networks hold no weights to prepare)
+            return rows, logdet
+        prepared = self.prepared(rows.device, backend)
         fused = isinstance(prepared, PreparedFusedNetworks)
         # The torch path carries the two halves apart (coupling), joined once at the end.
         state = rows if fused else rows.split(rows.shape[1] // 2, dim=1)
@@ -121,7 +123,9 @@ class Sublayer(nn.Module):
     def forward(self, x: torch.Tensor, inverse: bool = False, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """The sublayer on images ``x`` ``(B, C, L, L)``: the new images and the log-det ``(B,)``
         (its inverse with ``inverse``; ``backend`` ``"torch"`` or ``"triton"``)."""
-        if backend == "triton" and self.num_blocks > 0:
+        if self.num_blocks == 0:  # a sublayer of no blocks is the identity
+            return x, x.new_zeros(x.shape[0], dtype=accumulator_dtype(x.dtype))
+        if backend == "triton":
             return self.forward_fused(x, inverse)
         # The torch path gathers the rows straight into its checkerboard order.
         index = self.geometry.row_index if backend == "triton" else self.geometry.checkerboard_row_index
