@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterable, Sequence
 
 import torch
 import triton
@@ -309,7 +310,8 @@ def _compile_here(launches, architectures, progress, share: tuple[int, int] = (0
     return results
 
 
-def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = False, jobs: int = 1) -> list[CompileResult]:
+def compile_launches(launches: Iterable[Launch], architectures: Sequence[int] = ARCHITECTURES, progress: bool = False,
+                     jobs: int = 1) -> list[CompileResult]:
     """Compile the distinct specialisations of ``launches`` for each architecture, in first-launch order.
 
     Under ``TRITON_INTERPRET`` (interpreted kernels), or with ``jobs`` > 1, the work runs in
@@ -348,13 +350,13 @@ def compile_launches(launches, architectures=ARCHITECTURES, progress: bool = Fal
     return [result for group in itertools.zip_longest(*parts) for result in group if result is not None]
 
 
-def save_launches(launches, path) -> None:
+def save_launches(launches: Iterable[Launch], path: str | os.PathLike) -> None:
     """Write ``launches`` to a JSON file that :func:`load_launches` reads (record once, compile under each Triton)."""
     with open(path, "w") as file:
         json.dump([_launch_to_json(launch) for launch in launches], file)
 
 
-def load_launches(path) -> list[Launch]:
+def load_launches(path: str | os.PathLike) -> list[Launch]:
     """The launches :func:`save_launches` wrote, bound to this process's kernels."""
     with open(path) as file:
         return [_launch_from_json(entry) for entry in json.load(file)]
@@ -367,7 +369,7 @@ def _main(request: str, answer: str, architectures: str, part: str, parts: str, 
         json.dump([dataclasses.asdict(result) for result in results], file)
 
 
-def format_results(results) -> str:
+def format_results(results: Iterable[CompileResult]) -> str:
     """A Markdown table of ``results``: one row per specialisation and architecture."""
 
     def cell(value):

@@ -4,6 +4,8 @@ Every public op function (:func:`rgkern.kernels.patches.gather_patches` and the 
 its arguments here before its autograd Function runs; the Functions, host functions and
 kernels below them trust their inputs.
 """
+from typing import Sequence
+
 import torch
 
 from rgkern.core.errors import InputError, InputTypeError
@@ -27,7 +29,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def check_tensor(name: str, value, dtypes, kind: str) -> torch.Tensor:
+def check_tensor(name: str, value: object, dtypes: Sequence[torch.dtype], kind: str) -> torch.Tensor:
     """``value`` if it is a tensor of one of ``dtypes`` (``kind`` says what it should be)."""
     if not isinstance(value, torch.Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor ({kind}), got {type(value).__name__}")
@@ -56,17 +58,17 @@ def _check_kernel_input(name: str, x, kind: str, dims: int, layout: str) -> torc
     return x
 
 
-def check_image(name: str, x) -> torch.Tensor:
+def check_image(name: str, x: object) -> torch.Tensor:
     """A floating-point ``(B, C, L, L)`` tensor on a device the kernels run on."""
     return _check_kernel_input(name, x, "image", 4, "(B, C, L, L)")
 
 
-def check_rows(name: str, x) -> torch.Tensor:
+def check_rows(name: str, x: object) -> torch.Tensor:
     """Floating-point patch rows ``(N, D)`` on a device the kernels run on."""
     return _check_kernel_input(name, x, "patch rows", 2, "patch rows (N, D)")
 
 
-def check_row_index(row_index, x: torch.Tensor) -> torch.Tensor:
+def check_row_index(row_index: object, x: torch.Tensor) -> torch.Tensor:
     """An integer ``(P, D)`` patch table on ``x``'s device."""
     check_tensor("row_index", row_index, INDEX_DTYPES, "an integer index table")
     if row_index.dim() != 2:
@@ -88,7 +90,7 @@ def check_vectors(reference_name: str, reference: torch.Tensor, vectors: dict, s
             raise InputError(f"{name} requires grad, but the coupling mask is a constant; pass {name}.detach()")
 
 
-def check_half_step_weights(x: torch.Tensor, dim: int, weights, what: str = "weights",
+def check_half_step_weights(x: torch.Tensor, dim: int, weights: object, what: str = "weights",
                             compute_dtype: torch.dtype | None = None) -> torch.dtype:
     """One half-step's :class:`~rgkern.kernels.coupling.weights.HalfStepWeights` for rows of
     width ``dim`` like ``x`` (dtypes, devices, shapes), computed in ``compute_dtype`` (the
@@ -126,7 +128,7 @@ def check_half_step_weights(x: torch.Tensor, dim: int, weights, what: str = "wei
     return compute
 
 
-def check_stacked_weights(weights, pairs: int) -> None:
+def check_stacked_weights(weights: object, pairs: int) -> None:
     """Every present tensor of ``weights`` (a ``HalfStepWeights``) carries a leading pair dimension of ``pairs``."""
     from .coupling.weights import HalfStepWeights  # here: the coupling package imports this module
 

@@ -13,6 +13,7 @@ recording does.
 """
 import contextlib
 import dataclasses
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -55,7 +56,7 @@ _record_only = 0  # > 0 inside record_only()
 _watchers: list = []  # the callbacks of the active watch_launches()
 
 
-def is_interpreted(kernel) -> bool:
+def is_interpreted(kernel: object) -> bool:
     """True when ``kernel`` (a ``@triton.jit`` function) runs in Triton's CPU interpreter.
 
     Triton decides this when the kernel is decorated (at import), from ``TRITON_INTERPRET``.
@@ -67,7 +68,7 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def wrap_triton(kernel):
+def wrap_triton(kernel: object) -> object:
     """``torch.library.wrap_triton(kernel)`` where that exists and applies, else ``kernel``.
 
     Interpreted kernels (``TRITON_INTERPRET=1``) and torch builds without ``wrap_triton``
@@ -107,7 +108,7 @@ def row_launch_shape(n_rows: int, dim: int, tile_elements: int = GPU_TILE_ELEMEN
 
 
 @contextlib.contextmanager
-def gpu_block_sizes():
+def gpu_block_sizes() -> Iterator[None]:
     """Inside this, the launch helpers pick a GPU's block sizes even under the interpreter.
 
     For recording what a GPU would compile (:mod:`.aot`); the interpreted tests keep the
@@ -160,7 +161,7 @@ def _describe(value):
 
 
 @contextlib.contextmanager
-def record_launches():
+def record_launches() -> Iterator[list[Launch]]:
     """Record every :func:`launch_kernel` launch made inside; yields the list, filled on exit.
 
     The list holds each distinct :class:`Launch` once, in the order first launched. The
@@ -183,7 +184,7 @@ def recording() -> bool:
 
 
 @contextlib.contextmanager
-def record_only():
+def record_only() -> Iterator[None]:
     """Inside this, :func:`launch_kernel` records its launches and does not run them.
 
     For the launches a GPU might make instead of the one made (the other tile configurations a
@@ -198,7 +199,7 @@ def record_only():
 
 
 @contextlib.contextmanager
-def watch_launches(watcher):
+def watch_launches(watcher: Callable[[object, tuple, dict], contextlib.AbstractContextManager]) -> Iterator[None]:
     """Inside this, every :func:`launch_kernel` launch runs inside ``watcher(kernel, args, kwargs)``.
 
     ``watcher`` returns a context manager that is entered just before the launch and left just
@@ -212,7 +213,8 @@ def watch_launches(watcher):
         _watchers.remove(watcher)
 
 
-def launch_kernel(kernel, grid, *args, **kwargs):
+def launch_kernel(kernel: object, grid: tuple[int, ...] | Callable[[dict], tuple[int, ...]], *args: object,
+                  **kwargs: object) -> object:
     """``wrap_triton(kernel)[grid](*args, **kwargs)``, recorded when a :func:`record_launches` is
     active (and only recorded inside :func:`record_only`), watched by every :func:`watch_launches`."""
     if _recorders:

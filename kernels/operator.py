@@ -49,7 +49,7 @@ class Operator:
     registration. ``how`` says how it was registered (also in :data:`REGISTRATION`).
     """
 
-    def __init__(self, name: str, host: Callable, parameters: Sequence[tuple], returns, fake: Callable):
+    def __init__(self, name: str, host: Callable, parameters: Sequence[tuple], returns: object, fake: Callable):
         self.name = name
         self.host = host
         self.registered = None

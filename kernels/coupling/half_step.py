@@ -1,5 +1,5 @@
 """Host side of one fused coupling half-step on rows: buffers, launches, and the two entry points."""
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -64,8 +64,10 @@ def _half_step_constants(dim: int, weights: HalfStepWeights, inverse: bool, gath
     )
 
 
-def launch_forward(x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool, streams, hidden, y, logdet,
-                    patches: Optional[PatchTable] = None, gather=False, scatter=False, accumulate=False, copy_to=None):
+def launch_forward(x: torch.Tensor, mask: torch.Tensor, s_scale: torch.Tensor, t_scale: torch.Tensor,
+                   weights: HalfStepWeights, inverse: bool, streams: torch.Tensor, hidden: torch.Tensor, y: torch.Tensor,
+                   logdet: torch.Tensor, patches: Optional[PatchTable] = None, gather: bool = False, scatter: bool = False,
+                   accumulate: bool = False, copy_to: Optional[torch.Tensor] = None) -> None:
     """:func:`coupling_half_step_fwd_kernel` on ``n_rows = logdet.numel()`` > 0 rows, tiles by :func:`choose_tiles`.
 
     ``patches`` describes the images that ``x`` (``gather``) and ``y`` (``scatter``) are;
@@ -108,7 +110,7 @@ def coupling_half_step_forward(
     weights: HalfStepWeights,
     inverse: bool = False,
     save: bool = True,
-    empty=torch.empty,
+    empty: Callable[..., torch.Tensor] = torch.empty,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused half-step.
@@ -170,9 +172,11 @@ def partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> Partia
     return PartialLayout(start, tuple(starts), sizes)
 
 
-def backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
-                    streams, hidden, grad_x, layout, n_rows: int, patches=None, gather=False, scatter=False,
-                    copy_to=None) -> tuple:
+def backward_tiles(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                   s_scale: torch.Tensor, t_scale: torch.Tensor, weights: HalfStepWeights, inverse: bool,
+                   streams: torch.Tensor, hidden: torch.Tensor, grad_x: torch.Tensor, layout: PartialLayout, n_rows: int,
+                   patches: Optional[PatchTable] = None, gather: bool = False, scatter: bool = False,
+                   copy_to: Optional[torch.Tensor] = None) -> tuple:
     """``(tiles, candidates)`` of :func:`coupling_half_step_bwd_kernel` (:func:`choose_tiles`,
     timed on this launch with scratch outputs); the partial sums' rows depend on the choice."""
     dim, compute, acc = mask.shape[0], streams.dtype, accumulator_dtype(x.dtype)
@@ -189,10 +193,12 @@ def backward_tiles(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Half
     return tiles, candidates
 
 
-def launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: HalfStepWeights, inverse: bool,
-                     streams, hidden, grad_streams, grad_hidden, grad_x, partial, partial_offsets, n_rows: int,
-                     tiles: TileConfig, candidates: tuple, patches: Optional[PatchTable] = None, gather=False,
-                     scatter=False, copy_to=None):
+def launch_backward(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                    s_scale: torch.Tensor, t_scale: torch.Tensor, weights: HalfStepWeights, inverse: bool,
+                    streams: torch.Tensor, hidden: torch.Tensor, grad_streams: torch.Tensor, grad_hidden: torch.Tensor,
+                    grad_x: torch.Tensor, partial: torch.Tensor, partial_offsets: tuple[int, ...], n_rows: int,
+                    tiles: TileConfig, candidates: tuple, patches: Optional[PatchTable] = None, gather: bool = False,
+                    scatter: bool = False, copy_to: Optional[torch.Tensor] = None) -> None:
     """:func:`coupling_half_step_bwd_kernel` on ``n_rows`` > 0 rows, one program per row of ``partial``
     (``tiles`` from :func:`backward_tiles`).
 
@@ -220,8 +226,9 @@ def launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights: Hal
     launch_with_candidates(launch, tiles, candidates)
 
 
-def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams, hidden, grad_streams, grad_hidden,
-                         n_rows: int, acc: torch.dtype, accumulate: bool = False) -> None:
+def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams: torch.Tensor, hidden: torch.Tensor,
+                        grad_streams: torch.Tensor, grad_hidden: torch.Tensor, n_rows: int, acc: torch.dtype,
+                        accumulate: bool = False) -> None:
     """The weight and bias gradients of every kind of linear into ``grads`` (one launch per kind,
     tiles by :func:`choose_tiles`).
 
@@ -284,7 +291,7 @@ def coupling_half_step_backward(
     inverse: bool,
     streams: torch.Tensor,
     hidden: torch.Tensor,
-    empty=torch.empty,
+    empty: Callable[..., torch.Tensor] = torch.empty,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HalfStepWeights]:
     """Gradients of :func:`coupling_half_step_forward` (run with ``save=True``); the compute
     dtype is the activations'.

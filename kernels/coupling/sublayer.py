@@ -1,5 +1,5 @@
 """Host side of a whole sublayer's fused couplings on whole images: ``2 * blocks`` half-step launches."""
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -30,7 +30,7 @@ def half_step_order(pairs: int, shared: bool, inverse: bool) -> list:
     return [(step // 2, step % 2, step % 2) if shared else (step, step % 2, 0) for step in steps]
 
 
-def sublayer_buffer_shapes(batch: int, row_index_shape, pairs: int, weights: HalfStepWeights, shared: bool,
+def sublayer_buffer_shapes(batch: int, row_index_shape: Sequence[int], pairs: int, weights: HalfStepWeights, shared: bool,
                            keep_rows: bool, keep_activations: bool) -> tuple[tuple, tuple, tuple]:
     """Shapes of the ``rows``, ``streams`` and ``hidden`` buffers :func:`sublayer_couplings_forward` returns."""
     num_patches, dim = row_index_shape
@@ -53,7 +53,7 @@ def sublayer_couplings_forward(
     inverse: bool,
     keep_rows: bool,
     keep_activations: bool,
-    empty=torch.empty,
+    empty: Callable[..., torch.Tensor] = torch.empty,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every coupling half-step of a sublayer on whole images: ``2 * blocks`` launches.
@@ -124,7 +124,7 @@ def sublayer_couplings_backward(
     hidden: torch.Tensor,
     recompute: bool,
     grad_images_needed: bool = True,
-    empty=torch.empty,
+    empty: Callable[..., torch.Tensor] = torch.empty,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HalfStepWeights]:
     """Gradients of :func:`sublayer_couplings_forward` (run with ``keep_rows``).

@@ -1,6 +1,6 @@
 """Tiles of the fused coupling kernels: the configurations, their narrowing, and timing them on a GPU."""
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -127,7 +127,7 @@ def tuning_enabled(tensor: torch.Tensor) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def choose_tiles(key: tuple, candidates: tuple, trial, tensor: torch.Tensor) -> TileConfig:
+def choose_tiles(key: tuple, candidates: tuple, trial: Callable[[TileConfig], object], tensor: torch.Tensor) -> TileConfig:
     """The configuration of the launches ``key`` names (kernel, dtype, widths; not the rows).
 
     Where :func:`tuning_enabled`, the first launch of a key times every candidate with
@@ -147,7 +147,7 @@ def choose_tiles(key: tuple, candidates: tuple, trial, tensor: torch.Tensor) -> 
     return candidates[0] if choice is None else choice
 
 
-def launch_with_candidates(launch, tiles: TileConfig, candidates: tuple) -> None:
+def launch_with_candidates(launch: Callable[[TileConfig], object], tiles: TileConfig, candidates: tuple) -> None:
     """``launch(tiles)``; while launches are recorded (:func:`~rgkern.kernels.launch.record_launches`)
     the other candidates are recorded too, not run: the ahead-of-time compile covers them all."""
     if _launch.recording():

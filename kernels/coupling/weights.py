@@ -3,7 +3,7 @@
 :class:`HalfStepWeights` names the nine tensors once; the operator schemas, the fake
 functions, the input checks and the gradient buffers are all derived from it.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -82,14 +82,15 @@ class HalfStepWeights(NamedTuple):
         """These weights with the absent tensors replaced by a present one (the kernels never read them)."""
         return HalfStepWeights(*(self.w_last if t is None else t for t in self))
 
-    def grad_buffers(self, empty, device: torch.device) -> "HalfStepWeights":
+    def grad_buffers(self, empty: Callable[..., torch.Tensor], device: torch.device) -> "HalfStepWeights":
         """Buffers for the w and b gradients (None for the slopes, which the partial sums give)."""
         return HalfStepWeights(*(
             None if t is None or name.startswith("slope") else empty(t.shape, dtype=t.dtype, device=device)
             for name, t in zip(self._fields, self)
         ))
 
-    def with_slope_grads(self, weights: "HalfStepWeights", first, mid, last) -> "HalfStepWeights":
+    def with_slope_grads(self, weights: "HalfStepWeights", first: torch.Tensor, mid: torch.Tensor,
+                         last: torch.Tensor) -> "HalfStepWeights":
         """These gradients with the slope gradients added, each shaped and typed as its slope in
         ``weights`` (None where absent)."""
         def shaped(values, like):

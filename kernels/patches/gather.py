@@ -8,6 +8,7 @@ over patches. ``gather_patches_backward`` stores the row gradients into a zero i
 patches of one sublayer do not overlap, so a plain store is the scatter-add.
 """
 import math
+from typing import Sequence
 
 import torch
 import triton
@@ -63,7 +64,7 @@ def gather_patches_forward(x: torch.Tensor, row_index: torch.Tensor, out: torch.
 
 
 def gather_patches_backward(
-    grad_rows: torch.Tensor, row_index: torch.Tensor, image_shape, out: torch.Tensor | None = None
+    grad_rows: torch.Tensor, row_index: torch.Tensor, image_shape: Sequence[int], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gradient of :func:`gather_patches_forward` wrt the image.
 

@@ -13,6 +13,7 @@ values outside ``[0, C*L*L)`` are masked out (never touch memory); they are not 
 the host because that would need a device synchronisation.
 """
 import math
+from typing import Sequence
 
 import torch
 import triton
@@ -58,7 +59,7 @@ def patch_block(row_index_ptr, n_rows, num_patches, DIM: tl.constexpr, BLOCK_ROW
     return row, col, live, sample, index
 
 
-def launch_patch_kernel(kernel, tensors, n_rows: int, row_index: torch.Tensor, image_numel: int) -> None:
+def launch_patch_kernel(kernel: object, tensors: Sequence[torch.Tensor], n_rows: int, row_index: torch.Tensor, image_numel: int) -> None:
     """Launch a patch kernel over ``n_rows`` rows: ``kernel(*tensors, n_rows, P, image_numel, DIM=D, ...)``.
 
     ``row_index`` is the ``(P, D)`` table; the block sizes and the grid come from
