@@ -10,7 +10,7 @@ Groups (``benchmark.group``):
   the paper's model at batch 64 on a GPU. Paths: ``legacy``
   (the first layout, ``tests/legacy_model.py``, with the optimiser and clipping of that
   time: AdamW's default implementation, plain clipping) and ``lean`` (the stacked layout
-  with :func:`rgkern.tools.train.make_optimizer` and foreach clipping), both at 1 and at 2
+  with :func:`rgkern.tools.trainer.make_optimizer` and foreach clipping), both at 1 and at 2
   CPU threads. ``extra_info``: ``kernels`` per step.
 * ``work_count``: :func:`rgkern.tools.profile.count_work` of each pass of the
   paper-structured model (hidden 8: the counts do not depend on it). ``extra_info``:
@@ -26,7 +26,7 @@ import torch
 import rgkern
 from rgkern.tools.checkpoint import convert_legacy_state_dict
 from rgkern.tools.profile import count_work
-from rgkern.tools.train import make_optimizer
+from rgkern.tools.trainer import make_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import legacy_model  # noqa: E402  (the frozen first layout, the tests' oracle)

@@ -10,7 +10,7 @@ Groups (``benchmark.group``):
   Paths: ``reference`` (float32, pure PyTorch), ``kernels`` (float32, Triton),
   ``kernels_bf16`` (bf16 autocast for the s/t networks), and on a GPU
   ``kernels_compiled_cuda_graphs`` (``compile=True, cuda_graphs=True``).
-* ``train_step``: :meth:`rgkern.tools.train.Trainer.train_step` (preprocessing, forward, backward,
+* ``train_step``: :meth:`rgkern.tools.trainer.Trainer.train_step` (preprocessing, forward, backward,
   clipping, AdamW and the NaN check's one host sync), batch 64 (``RGKERN_BENCH_BATCH``).
   Paths: ``reference``, ``reference_compiled`` (GPU), ``kernels``, ``kernels_bf16`` and
   ``kernels_compiled_cuda_graphs`` (GPU).
@@ -38,7 +38,7 @@ import torch
 from rgkern.core.model import default_n_layers
 from rgkern.tools.presets import TrainConfig
 from rgkern.tools.sampling import sample_images
-from rgkern.tools.train import Trainer
+from rgkern.tools.trainer import Trainer
 
 HAS_CUDA = torch.cuda.is_available()
 COMPILE = HAS_CUDA and os.environ.get("RGKERN_BENCH_COMPILE", "1") != "0"

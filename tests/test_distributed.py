@@ -16,7 +16,8 @@ from rgkern.tools import distributed as dist_utils
 from rgkern.tools.checkpoint import load_checkpoint
 from rgkern.tools.distributed import DistributedContext, DistributedSetupError
 from rgkern.tools.presets import make_config
-from rgkern.tools.train import CHECKPOINT_NAME, batch_indices, train
+from rgkern.tools.train import CHECKPOINT_NAME, train
+from rgkern.tools.trainer import batch_indices
 
 STEPS = 4
 

@@ -26,7 +26,7 @@ from rgkern.core.errors import (
 from rgkern.data import DataNotFoundError
 from rgkern.tools.checkpoint import CheckpointError
 from rgkern.tools.distributed import DistributedSetupError
-from rgkern.tools.train import NonFiniteError
+from rgkern.tools.trainer import NonFiniteError
 
 
 def test_input_errors_are_the_builtin_types_callers_catch():

@@ -19,7 +19,8 @@ from rgkern.tools.checkpoint import load_checkpoint, save_checkpoint
 from rgkern.tools.compile import COMPILE_BACKEND_ENV, compile_function
 from rgkern.tools.presets import make_config
 from rgkern.tools.sampling import BF16_SAMPLE_TOLERANCE, check_writable, sample_images, write_samples
-from rgkern.tools.train import CHECKPOINT_NAME, Trainer, build_model, load_images, train
+from rgkern.tools.train import CHECKPOINT_NAME, build_model, load_images, train
+from rgkern.tools.trainer import Trainer
 
 
 def quiet(_line):

@@ -5,21 +5,12 @@ import math
 import pytest
 import torch
 
-from rgkern.tools.checkpoint import CheckpointError, load_checkpoint
 from rgkern.core.model import default_n_layers
+from rgkern.tools.checkpoint import CheckpointError, load_checkpoint
+from rgkern.tools.evaluation import evaluate_bpd, quality_kind, sample_quality
 from rgkern.tools.presets import PRESETS, TrainConfig, make_config, preset_names, resume_config
-from rgkern.tools.train import (
-    CHECKPOINT_NAME,
-    HISTORY_NAME,
-    NonFiniteError,
-    Trainer,
-    batch_indices,
-    build_model,
-    evaluate_bpd,
-    quality_kind,
-    sample_quality,
-    train,
-)
+from rgkern.tools.train import CHECKPOINT_NAME, HISTORY_NAME, build_model, train
+from rgkern.tools.trainer import NonFiniteError, Trainer, batch_indices
 
 from utils import assert_same_state, msds_images, quiet, tiny_config, trainer
 

@@ -10,8 +10,10 @@ import torch
 from rgkern import cli
 from rgkern.core.preprocess import bits_per_dim, preprocess
 from rgkern.tools.checkpoint import load_checkpoint, load_model, read_document, save_checkpoint
+from rgkern.tools.evaluation import evaluate_bpd
 from rgkern.tools.presets import learning_rate, resume_config
-from rgkern.tools.train import CHECKPOINT_NAME, Trainer, batch_indices, build_model, evaluate_bpd, flip_mask, train
+from rgkern.tools.train import CHECKPOINT_NAME, build_model, train
+from rgkern.tools.trainer import Trainer, batch_indices, flip_mask
 
 from utils import assert_same_state, msds_images, quiet, tiny_config, trainer
 

@@ -13,7 +13,8 @@ import torch
 import rgkern
 from rgkern import cli
 from rgkern.tools.presets import make_config
-from rgkern.tools.train import Trainer, build_model, load_images
+from rgkern.tools.train import build_model, load_images
+from rgkern.tools.trainer import Trainer
 
 
 def tiny_model(L=8, C=1, k=4, dtype=torch.float64, seed=0, scale_std=0.5, **kwargs):

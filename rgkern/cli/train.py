@@ -223,10 +223,11 @@ def run_train(args) -> int:
 
 
 def _train_and_write(args, config, out: Path, time_limit) -> int:
+    from ..tools.evaluation import quality_kind, sample_quality
     from ..tools.plots import plot_history, save_image_grid
     from ..tools.quality import format_quality, msds_quality
     from ..tools.sampling import write_sample_groups
-    from ..tools.train import load_images, quality_kind, sample_quality, train
+    from ..tools.train import load_images, train
 
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
     temperatures = config.picture_temperatures
@@ -321,7 +322,7 @@ def _add_evaluate(subparsers) -> None:
         "evaluate",
         help="held-out bits/dim of a checkpoint",
         description="Bits/dim of a checkpoint on a dataset split, with the deterministic dequantisation "
-        "noise used during training (rgkern.tools.train.evaluate_bpd).",
+        "noise used during training (rgkern.tools.evaluation.evaluate_bpd).",
     )
     add_checkpoint_option(parser)
     parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
@@ -335,7 +336,8 @@ def _add_evaluate(subparsers) -> None:
 
 def run_evaluate(args) -> int:
     from ..tools.checkpoint import load_checkpoint
-    from ..tools.train import evaluate_bpd, load_images
+    from ..tools.evaluation import evaluate_bpd
+    from ..tools.train import load_images
 
     device = setup_runtime(args)
     state = load_checkpoint(checkpoint_path(args.checkpoint), map_location=device)
