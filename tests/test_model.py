@@ -228,6 +228,19 @@ def test_a_sublayer_of_zero_blocks_is_the_identity_not_a_signal():
     assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-2000:])
 
 
+def test_finite_input_whose_latents_overflow_is_refused():
+    """A finite image of 3e38 gave non-finite z and log-det without an error."""
+    model = tiny_model(8, 1, 4, dtype=torch.float32)
+    x = random_images(model).float()
+    x[0] = 3e38
+    with pytest.raises(ValueError, match=r"x is finite but its latents or log-det are not \(largest \|x\| = 3e\+38\)"):
+        model.encode(x)
+    with pytest.raises(ValueError, match="latents or log-det are not"):
+        model.log_prob(x)
+    model.check_inputs = False  # the documented switch: no check, no host sync
+    assert not torch.isfinite(model.encode(x)[0]).all()
+
+
 def test_checkpoint_round_trip_and_config_mismatch(tmp_path):
     model = tiny_model(8, 1, 4)
     path = save_checkpoint(tmp_path / "ckpt", model, step=7)

@@ -225,17 +225,33 @@ class RGFlow(nn.Module):
 
     # ----------------------------------------------------------------- flow
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (B, C, L, L) -> (z (B, C, L, L), logdet (B,))`` with ``logdet = log|det dz/dx|``."""
+        """``x (B, C, L, L) -> (z (B, C, L, L), logdet (B,))`` with ``logdet = log|det dz/dx|``.
+
+        With :attr:`check_inputs` (the default) a non-finite ``x``, and a finite ``x`` whose
+        latents or log-det come out non-finite (values far outside the model's range), raise
+        ``ValueError``; each check is a host sync. Not under ``torch.compile``, which traces
+        no data-dependent check: a compiled model returns NaN for such input.
+        """
         self.check_images(x, "x", check_finite=True)
         backend = ops.resolve_backend(self.backend, x)
-        logdet = None
+        z, logdet = x, None
         for sublayer in self.sublayers:
-            x, ld = sublayer(x, inverse=False, backend=backend)
+            z, ld = sublayer(z, inverse=False, backend=backend)
             logdet = ld if logdet is None else logdet + ld
-        return x, logdet
+        if self.check_inputs and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(z).all() & torch.isfinite(logdet).all()):
+                raise InputError(
+                    f"x is finite but its latents or log-det are not (largest |x| = {float(x.abs().max()):.3g}): it lies "
+                    "far outside the range the model was trained on; bring images into it with rgkern.preprocess"
+                )
+        return z, logdet
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Exact inverse of :meth:`encode`: ``z (B, C, L, L) -> x (B, C, L, L)``."""
+        """Exact inverse of :meth:`encode`: ``z (B, C, L, L) -> x (B, C, L, L)``.
+
+        ``z`` is not checked for NaN or inf, and non-finite latents give non-finite pixels (the
+        sampling tools find and report non-finite images).
+        """
         self.check_images(z, "z", check_finite=False)
         backend = ops.resolve_backend(self.backend, z)
         for sublayer in reversed(self.sublayers):
