@@ -29,7 +29,7 @@ class BoundedCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
-    def get(self, key: Hashable, default=None):
+    def get(self, key: Hashable, default: object = None) -> object:
         """The entry at ``key`` (now the most recent), or ``default``."""
         if key not in self._entries:
             return default
@@ -46,7 +46,7 @@ class BoundedCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def get_or_make(self, key: Hashable, make: Callable[[], object]):
+    def get_or_make(self, key: Hashable, make: Callable[[], object]) -> object:
         """The entry at ``key``, made by ``make()`` and stored on a miss."""
         if key in self._entries:
             return self.get(key)

@@ -44,7 +44,7 @@ GEOMETRY_CACHE_SIZE = 64
 TABLE_CACHE_SIZE = 256
 
 
-def check_order(order) -> str:
+def check_order(order: str) -> str:
     if order not in SUBLAYER_ORDERS:
         raise InputError(f"unknown sublayer order {order!r}; expected one of {tuple(SUBLAYER_ORDERS)}")
     return order
@@ -180,11 +180,11 @@ class Geometry:
             self._device_cache[full_key] = table
         return table
 
-    def pixel_index(self, sublayer: int, device="cpu") -> torch.Tensor:
+    def pixel_index(self, sublayer: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """LongTensor ``(P, k*k)``: flat pixel index ``i*L + j`` of each patch pixel."""
         return self._cached(("pixel", sublayer), device, lambda: self.sublayers[sublayer].pixel_index)
 
-    def row_index(self, sublayer: int, device="cpu") -> torch.Tensor:
+    def row_index(self, sublayer: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """LongTensor ``(P, D)``: flat index into a ``(C, L, L)`` image of each row entry.
 
         Row entry ``c*k*k + a*k + b`` of patch ``p`` is image element
@@ -199,7 +199,7 @@ class Geometry:
 
         return self._cached(("row", sublayer), device, build)
 
-    def checkerboard_order(self, device="cpu", inverse: bool = False) -> torch.Tensor:
+    def checkerboard_order(self, device: torch.device | str = "cpu", inverse: bool = False) -> torch.Tensor:
         """LongTensor ``(D,)``: the row entries with the mask's conditioning half first.
 
         ``rows[:, order]`` holds the ``D/2`` entries where :meth:`coupling_mask` is 1 (in row
@@ -213,14 +213,15 @@ class Geometry:
 
         return self._cached(("checkerboard", inverse), device, build)
 
-    def checkerboard_row_index(self, sublayer: int, device="cpu") -> torch.Tensor:
+    def checkerboard_row_index(self, sublayer: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """:meth:`row_index` with its entries in :meth:`checkerboard_order`: gathering with it
         gives the rows already split into the two coupling halves."""
         return self._cached(
             ("row_checkerboard", sublayer), device, lambda: self.row_index(sublayer)[:, self.checkerboard_order()].contiguous()
         )
 
-    def coupling_mask(self, device="cpu", dtype=torch.float32, flipped: bool = False) -> torch.Tensor:
+    def coupling_mask(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      flipped: bool = False) -> torch.Tensor:
         """Checkerboard mask ``(D,)`` of a coupling half-step (1 = conditioning half).
 
         The first half-step of an RNVP block uses ``flipped=False``, the second ``True``.
@@ -229,7 +230,7 @@ class Geometry:
             ("mask", dtype, flipped), device, lambda: (1 - self.mask if flipped else self.mask).to(dtype)
         )
 
-    def latent_level_of_elements(self, device="cpu") -> torch.Tensor:
+    def latent_level_of_elements(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """LongTensor ``(C, L, L)``: RG level of each latent value (``levels`` per channel)."""
         return self._cached(
             ("levels_c",), device, lambda: self.levels.expand(self.channels, -1, -1).contiguous()

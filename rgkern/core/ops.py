@@ -20,13 +20,16 @@ one rule, :func:`rgkern.kernels.runtime.triton_can_run`, re-exported here.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from ..kernels.runtime import require_triton, triton_can_run
 from . import reference
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from ..kernels.coupling.weights import HalfStepWeights
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -85,8 +88,9 @@ def _weights_in(weights, dtype: torch.dtype | None):
                            for name, t in zip(weights._fields, weights)))
 
 
-def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse: bool = False, backend: str = "torch",
-                       compute_dtype: torch.dtype | None = None):
+def coupling_half_step(x: torch.Tensor, mask: torch.Tensor, s_scale: torch.Tensor, t_scale: torch.Tensor,
+                       weights: HalfStepWeights, inverse: bool = False, backend: str = "torch",
+                       compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_dtype``: the matmuls' dtype (the autocast dtype); the kernels cast the weights
     as they load them, the reference casts them first."""
     if backend == "triton":
@@ -96,9 +100,10 @@ def coupling_half_step(x, mask, s_scale, t_scale, weights, inverse: bool = False
     return reference.coupling_half_step(x, mask, s_scale, t_scale, _weights_in(weights, compute_dtype), inverse)
 
 
-def sublayer_couplings(images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared: bool = False,
+def sublayer_couplings(images: torch.Tensor, row_index: torch.Tensor, mask: torch.Tensor, flipped_mask: torch.Tensor,
+                       s_scale: torch.Tensor, t_scale: torch.Tensor, weights: HalfStepWeights, shared: bool = False,
                        inverse: bool = False, recompute: bool = False, backend: str = "torch",
-                       compute_dtype: torch.dtype | None = None):
+                       compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_dtype`` as for :func:`coupling_half_step`."""
     if backend == "triton":
         from ..kernels.coupling import sublayer_couplings as kernel_sublayer_couplings

@@ -21,7 +21,8 @@ __all__ = ["ALPHA", "preprocess", "postprocess", "bits_per_dim"]
 ALPHA = 0.05
 
 
-def preprocess(images: torch.Tensor, generator=None, dequantize: bool = True, dtype=torch.float32):
+def preprocess(images: torch.Tensor, generator: torch.Generator | None = None, dequantize: bool = True,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images ``(B, C, L, L)`` -> ``(y, logdet)`` with ``y`` in model space and ``logdet (B,)``.
 
     ``dequantize=False`` uses the bin centres (``u = 1/2``) for deterministic evaluation.
@@ -51,6 +52,6 @@ def postprocess(y: torch.Tensor) -> torch.Tensor:
     return x.floor().clamp(0, 255).to(torch.uint8)
 
 
-def bits_per_dim(log_prob_model_space: torch.Tensor, logdet_preprocess, num_dims: int) -> torch.Tensor:
+def bits_per_dim(log_prob_model_space: torch.Tensor, logdet_preprocess: torch.Tensor, num_dims: int) -> torch.Tensor:
     """Bits per dimension of 8-bit data from model-space log-density (nats) and preprocessing log-det."""
     return -(log_prob_model_space + logdet_preprocess) / (num_dims * math.log(2.0))

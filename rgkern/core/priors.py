@@ -8,6 +8,7 @@ and the Gaussian standard deviation ``T``, so the variance at temperature ``T`` 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -20,14 +21,15 @@ __all__ = ["Prior", "LaplacePrior", "GaussianPrior", "make_prior", "PRIORS"]
 class Prior:
     name = "prior"
 
-    def log_prob(self, z: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Elementwise log-density of ``z`` (same shape); sum it for the joint density."""
         raise NotImplementedError
 
-    def sample(self, shape, temperature, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    def sample(self, shape: Sequence[int], temperature: float | torch.Tensor, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
-    def log_prob_sum(self, z: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    def log_prob_sum(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
         """``(B,)`` joint log-density of each sample of ``z (B, ...)``.
 
         Computed and summed in the accumulator dtype (float32 for float16 / bfloat16 ``z``,
@@ -45,11 +47,12 @@ class LaplacePrior(Prior):
 
     name = "laplace"
 
-    def log_prob(self, z, temperature=1.0):
+    def log_prob(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
         b = torch.as_tensor(temperature, dtype=z.dtype, device=z.device) / math.sqrt(2.0)
         return -torch.log(2 * b) - z.abs() / b
 
-    def sample(self, shape, temperature, generator=None, device=None, dtype=torch.float32):
+    def sample(self, shape: Sequence[int], temperature: float | torch.Tensor, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Inverse CDF of one uniform draw per value, computed in the accumulator dtype
         # (float32 for half-precision models, whose own uniform grid is 2**-8 or 2**-11) and
         # cast at the end. torch.rand returns multiples of 2**-digits in [0, 1); shifting
@@ -70,11 +73,12 @@ class GaussianPrior(Prior):
 
     name = "gaussian"
 
-    def log_prob(self, z, temperature=1.0):
+    def log_prob(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
         std = torch.as_tensor(temperature, dtype=z.dtype, device=z.device)
         return -0.5 * (z / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
 
-    def sample(self, shape, temperature, generator=None, device=None, dtype=torch.float32):
+    def sample(self, shape: Sequence[int], temperature: float | torch.Tensor, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         std = torch.as_tensor(temperature, dtype=dtype, device=device)
         return std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 

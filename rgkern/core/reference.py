@@ -6,9 +6,14 @@ differentiable with plain autograd. They take raw tensors and index tables from
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .precision import accumulator_dtype
+
+if TYPE_CHECKING:
+    from ..kernels.coupling.weights import HalfStepWeights
 
 __all__ = ["gather_patches", "scatter_patches", "affine_coupling", "affine_update", "coupling_half_step", "sublayer_couplings"]
 
@@ -101,7 +106,7 @@ def coupling_half_step(
     mask: torch.Tensor,
     s_scale: torch.Tensor,
     t_scale: torch.Tensor,
-    weights,
+    weights: HalfStepWeights,
     inverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One coupling half-step with its s and t residual MLPs, from the stacked weights.
@@ -138,7 +143,7 @@ def sublayer_couplings(
     flipped_mask: torch.Tensor,
     s_scale: torch.Tensor,
     t_scale: torch.Tensor,
-    weights,
+    weights: HalfStepWeights,
     shared: bool = False,
     inverse: bool = False,
     recompute: bool = False,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,6 +45,9 @@ from ..core.errors import InputError, InputTypeError
 from ..core.precision import accumulator_dtype
 from .incremental import IncrementalEncoder
 from .region import decode_cone_values, region_decode_plan
+
+if TYPE_CHECKING:
+    from ..core.model import RGFlow, Temperature
 
 __all__ = ["inpaint", "InpaintResult", "InpaintProblem", "NonFiniteRestartsError", "psnr", "central_known_mask"]
 
@@ -86,7 +90,7 @@ class InpaintProblem:
     ``(B * R, C, L, L)`` (full), row ``b * R + r`` for restart ``r`` of image ``b``.
     """
 
-    def __init__(self, model, x: torch.Tensor, unknown: torch.Tensor, incremental: bool = True):
+    def __init__(self, model: RGFlow, x: torch.Tensor, unknown: torch.Tensor, incremental: bool = True):
         self.model = model
         self.geometry = model.geometry
         self.incremental = bool(incremental)
@@ -174,7 +178,7 @@ def _unknown_masks(model, x, known_mask) -> list:
 
 
 def inpaint(
-    model,
+    model: RGFlow,
     x: torch.Tensor,
     known_mask: torch.Tensor,
     steps: int = 100,
@@ -184,10 +188,10 @@ def inpaint(
     progress: bool = False,
     incremental: bool = True,
     init_draws: int | None = None,
-    temperature=1.0,
+    temperature: Temperature = 1.0,
     full: bool = False,
     return_info: bool = False,
-):
+) -> torch.Tensor | InpaintResult:
     """Fill the unknown pixels of ``x`` by maximising the model's log-likelihood (appendix F).
 
     Args:

@@ -17,10 +17,15 @@ sorted list of ``n`` positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
 from ..core.errors import InputError
+
+if TYPE_CHECKING:
+    from ..core.geometry import Geometry
+    from ..core.model import RGFlow
 
 __all__ = ["ConePlan", "build_cone_plan", "run_cone_plan", "PLAN_CACHE_SIZE"]
 
@@ -89,7 +94,8 @@ class ConePlan:
         return slots.to(self.positions.device)
 
 
-def build_cone_plan(geometry, start: torch.Tensor, stages, inverse: bool, device="cpu") -> ConePlan:
+def build_cone_plan(geometry: Geometry, start: torch.Tensor, stages: Iterable[tuple[int, torch.Tensor]], inverse: bool,
+                    device: torch.device | str = "cpu") -> ConePlan:
     """Build a :class:`ConePlan` from a start mask and ``(sublayer, patch indices)`` pairs.
 
     Args:
@@ -152,7 +158,8 @@ def build_cone_plan(geometry, start: torch.Tensor, stages, inverse: bool, device
         )
 
 
-def run_cone_plan(model, plan: ConePlan, values: torch.Tensor, base_images=None, backend: str = "torch"):
+def run_cone_plan(model: RGFlow, plan: ConePlan, values: torch.Tensor, base_images: Sequence[torch.Tensor] | None = None,
+                  backend: str = "torch") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``plan`` on a compact state; differentiable, no full image is touched.
 
     Args:

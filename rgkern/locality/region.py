@@ -9,6 +9,8 @@ incremental encode of the region, no full image and no cache. Inpainting
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..core import ops
@@ -16,12 +18,16 @@ from ..core.cache import BoundedCache
 from ..core.errors import InputError
 from .plans import PLAN_CACHE_SIZE, ConePlan, build_cone_plan, run_cone_plan
 
+if TYPE_CHECKING:
+    from ..core.geometry import Geometry
+    from ..core.model import RGFlow
+
 __all__ = ["region_decode_plan", "decode_cone_values", "decode_region"]
 
 _REGION_PLANS = BoundedCache(PLAN_CACHE_SIZE)
 
 
-def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
+def region_decode_plan(geometry: Geometry, region: torch.Tensor, device: torch.device | str) -> ConePlan:
     """The plan that generates only the pixels of ``region`` from the latents of its cone.
 
     A pixel depends, through the decode, exactly on the latents of its inference cone
@@ -43,13 +49,14 @@ def region_decode_plan(geometry, region: torch.Tensor, device) -> ConePlan:
     return plan
 
 
-def decode_cone_values(model, plan: ConePlan, cone_values: torch.Tensor, region_slots: torch.Tensor, backend: str):
+def decode_cone_values(model: RGFlow, plan: ConePlan, cone_values: torch.Tensor, region_slots: torch.Tensor,
+                       backend: str) -> torch.Tensor:
     """Differentiable: latents at ``plan.positions`` ``(B, C, n)`` -> pixels at ``region_slots``."""
     state, _ = run_cone_plan(model, plan, cone_values, None, backend)
     return state[:, :, region_slots]
 
 
-def decode_region(model, z: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def decode_region(model: RGFlow, z: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Generate only the pixels of ``region`` from latents: ``model.decode(z)[..., region]``.
 
     Args:
