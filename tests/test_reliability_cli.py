@@ -60,6 +60,13 @@ BAD_ARGUMENTS = [
     pytest.param(["scale-mix", "--checkpoint", "RUN", "--out", "OUT/m.png", "--cut", "99"], "scale-mix", ["99"], id="scale-mix-cut"),
     pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--hist-per-level", "-5"], "receptive-fields", ["--hist-per-level"], id="hist-per-level"),
     pytest.param(["sample", "--checkpoint", "RUN", "--out", "OUT/s.npz", "--num", str(10**11), "--batch-size", str(10**11), "--no-progress"], "sample", ["out of memory", "--batch-size"], id="out-of-memory"),
+    # A picture never replaces a checkpoint or a run's document, and two outputs never one file.
+    pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "RUN/model.safetensors"], "receptive-fields", ["--out takes a file name ending in .png"], id="rf-over-checkpoint"),
+    pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--hist-out", "RUN/model.json"], "receptive-fields", ["--hist-out takes a file name ending in .png"], id="rf-hist-over-document"),
+    pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--hist-out", "OUT/r.png"], "receptive-fields", ["--hist-out and --out name the same file"], id="rf-same-file"),
+    pytest.param(["traverse", "--checkpoint", "RUN", "--out", "OUT/t.jpg"], "traverse", ["--out takes a file name ending in .png", "t.jpg"], id="traverse-jpg"),
+    pytest.param(["scale-mix", "--checkpoint", "RUN", "--out", "OUT/m.txt"], "scale-mix", ["--out takes"], id="scale-mix-txt"),
+    pytest.param(["progressive", "--checkpoint", "RUN", "--out", "OUT/p.png", "--gif", "OUT/p.png"], "progressive", ["--gif takes a file name ending in .gif"], id="progressive-gif-png"),
     pytest.param(["nocommand"], None, ["invalid choice: 'nocommand'"], id="unknown-command"),
     pytest.param([], None, ["a command is required", "train"], id="no-command"),
 ]
@@ -68,7 +75,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize("argv, command, fragments", BAD_ARGUMENTS)
 def test_a_bad_command_line_is_one_line_with_exit_code_2(argv, command, fragments, run_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    argv = [str(out) + a[3:] if a.startswith("OUT") else str(run_folder) if a == "RUN" else a for a in argv]
+    argv = [str(out) + a[3:] if a.startswith("OUT") else str(run_folder) + a[3:] if a.startswith("RUN") else a for a in argv]
     before = contents(run_folder)
     assert_one_line_error(run(argv, capsys), command, *fragments)
     assert contents(run_folder) == before

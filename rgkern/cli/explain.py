@@ -117,22 +117,41 @@ def _save_gif(images: torch.Tensor, labels, args) -> Path:
     return path
 
 
-def _check_gif(args) -> None:
-    """Check that ``--gif`` can be written, before any work (a file name ending in .gif)."""
+def _hist_out(args) -> Path:
+    """Where ``receptive-fields`` writes its histogram: ``--hist-out``, or OUT with -hist before .png."""
+    return Path(args.hist_out) if args.hist_out else Path(args.out).with_name(Path(args.out).stem + "-hist.png")
+
+
+def _check_outputs(args) -> None:
+    """Check every file the command will write, before any work: each name ends as what is
+    written there (PNG pictures, a GIF), no two name one file (the second would replace the
+    first), and each can be written. A checkpoint or a run's document (``.safetensors``,
+    ``.json``) is never a picture's name, so no picture replaces one."""
     from ..tools.sampling import check_writable
 
-    if args.gif is not None:
-        if not str(args.gif).lower().endswith(".gif"):
-            raise InputError(f"--gif takes a file name ending in .gif, got {args.gif!r}")
-        check_writable(args.gif)
+    outputs = [("--out", Path(args.out), ".png")]
+    if hasattr(args, "hist_per_level"):  # receptive-fields: the histogram beside the picture
+        outputs.append(("--hist-out", _hist_out(args), ".png"))
+    if getattr(args, "gif", None) is not None:
+        outputs.append(("--gif", Path(args.gif), ".gif"))
+    seen = {}
+    for option, path, suffix in outputs:
+        if path.suffix.lower() != suffix:
+            raise InputError(f"{option} takes a file name ending in {suffix} (it writes {suffix[1:].upper()}), got {str(path)!r}")
+        where = path.resolve()
+        if where in seen:
+            raise InputError(f"{option} and {seen[where]} name the same file {str(path)!r}; give each its own")
+        seen[where] = option
+        check_writable(path)
 
 
 def run_receptive_fields(args) -> int:
+    _check_outputs(args)
     model, generator = _load(args)
     z = _inputs(args, model, generator, args.num)
     shown = receptive_fields_per_level(model, args.per_level, z=z, generator=generator, progress=not args.no_progress)
     print(f"wrote {plot_receptive_fields(shown, args.out)}")
-    hist_out = args.hist_out or Path(args.out).with_name(Path(args.out).stem + "-hist.png")
+    hist_out = _hist_out(args)
     counted = None if args.hist_per_level == 0 else args.hist_per_level
     histogram = receptive_fields_per_level(model, counted, z=z, generator=generator, progress=not args.no_progress)
     print(f"wrote {plot_receptive_field_histograms(histogram, hist_out)}")
@@ -144,7 +163,7 @@ def run_receptive_fields(args) -> int:
 
 
 def run_traverse(args) -> int:
-    _check_gif(args)
+    _check_outputs(args)
     model, generator = _load(args)
     level = check_level(model, model.num_levels - 1 if args.level is None else args.level)
     channel = check_channel(model, args.channel)
@@ -161,6 +180,7 @@ def run_traverse(args) -> int:
 
 
 def run_mix_temperature(args) -> int:
+    _check_outputs(args)
     model, generator = _load(args)
     settings = args.setting or default_temperature_settings(model.num_levels)
     unit = _draw_latents(model, args.num, 1.0, generator)
@@ -170,6 +190,7 @@ def run_mix_temperature(args) -> int:
 
 
 def run_scale_mix(args) -> int:
+    _check_outputs(args)
     model, generator = _load(args)
     if args.data:
         x_a, x_b = (as_model_space(model, _data_images(args, model, args.num, o), "x") for o in (0, args.num))
@@ -184,7 +205,7 @@ def run_scale_mix(args) -> int:
 
 
 def run_progressive(args) -> int:
-    _check_gif(args)
+    _check_outputs(args)
     model, generator = _load(args)
     inputs = _inputs(args, model, generator, args.num)
     columns = progressive_generation(model, inputs)
