@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 
 from rgkern.core.errors import InputError
+from rgkern.tools.authors import authors_state_dict
 from rgkern.tools.checkpoint import load_checkpoint, read_document, repair_sidecar
 from rgkern.tools.files import LOCK_NAME, RunFolderBusyError, atomic_write, remove_orphans, run_lock
 from rgkern.tools.plots import plot_history, save_image_grid
 from rgkern.tools.train import CHECKPOINT_NAME
 
-from utils import TRAIN, assert_one_line_error, contents, dot_files, fill, kill, run, start_paused
+from utils import TRAIN, assert_one_line_error, contents, dot_files, fill, kill, random_authors_model, run, start_paused
 
 
 # ----------------------------------------------------------------------------- 3. kill -9 during writes
@@ -106,6 +107,26 @@ def test_inpaint_into_a_locked_folder_is_refused(held_folder, run_folder, capsys
     result = run(["inpaint", "--checkpoint", run_folder, "--out", folder, "--num", "1", "--steps", "0", "--restarts", "1", "--skip-baseline", "--no-progress"], capsys)
     assert_one_line_error(result, "inpaint", f"process {process.pid} ")
     assert not (folder / "inpaint.json").exists()
+
+
+def test_import_authors_into_a_locked_folder_is_refused(held_folder, tmp_path, capsys):
+    folder, process = held_folder
+    before = contents(folder)
+    authors_file = tmp_path / "1.state"
+    torch.save({"flow": authors_state_dict(random_authors_model(16, 1, 4, n_layers=1))}, authors_file)
+    result = run(["import-authors", authors_file, "--out", folder, "--overwrite"], capsys)
+    assert_one_line_error(result, "import-authors", "is in use by", f"process {process.pid} ")
+    assert contents(folder) == before  # the training's checkpoint is still its own
+
+
+def test_import_authors_onto_a_file_is_one_line(tmp_path, capsys):
+    authors_file, plain_file = tmp_path / "1.state", tmp_path / "taken"
+    torch.save({"flow": authors_state_dict(random_authors_model(16, 1, 4, n_layers=1))}, authors_file)
+    plain_file.write_text("mine")
+    assert_one_line_error(run(["import-authors", authors_file, "--out", plain_file], capsys), "import-authors", "is a file")
+    assert plain_file.read_text() == "mine"
+    code, out, _ = run(["import-authors", authors_file, "--out", tmp_path / "run"], capsys)
+    assert code == 0 and (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / LOCK_NAME).exists()
 
 
 def test_the_lock_api(held_folder, tmp_path):

@@ -34,15 +34,18 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 def run_import_authors(args) -> int:
     from ..tools.authors import load_authors_checkpoint
     from ..tools.checkpoint import save_checkpoint
+    from ..tools.files import run_lock
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; give a run folder (the model is written as OUT/model.safetensors)")
     target = out / "model.safetensors"
-    if target.exists() and not args.overwrite:
-        raise InputError(f"{target} exists; pass --overwrite to replace it")
     overrides = {} if args.prior is None else {"prior": args.prior}
-    model = load_authors_checkpoint(args.file, **overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(target, model, info={"imported_from": str(Path(args.file).resolve())})
+    model = load_authors_checkpoint(args.file, **overrides)  # checked before the folder is touched
+    with run_lock(out):  # one command at a time writes into a run folder (a training there is refused)
+        if target.exists() and not args.overwrite:
+            raise InputError(f"{target} exists; pass --overwrite to replace it")
+        save_checkpoint(target, model, info={"imported_from": str(Path(args.file).resolve())})
     config = ", ".join(f"{k}={v}" for k, v in model.config.items())
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {target}: {params:,} parameters, {config}")
