@@ -1,7 +1,9 @@
 """Errors for input a user can fix (rgkern.core.errors) and how the command line reports them.
 
 Only an InputError (or a subclass) becomes the one-line ``rgkern <command>: error: ...`` with
-exit code 2; any other exception from a handler is a bug and keeps its traceback.
+exit code 2; a diverged training run (DivergenceError) is its own one line, ``rgkern train:
+training diverged: ...``, with exit code 3; any other exception from a handler is a bug and
+keeps its traceback.
 """
 import errno
 import subprocess
@@ -26,15 +28,17 @@ from rgkern.core.errors import (
 from rgkern.data import DataNotFoundError
 from rgkern.tools.checkpoint import CheckpointError
 from rgkern.tools.distributed import DistributedSetupError
-from rgkern.tools.trainer import NonFiniteError
+from rgkern.tools.trainer import DivergenceError, Trainer
 
 
 def test_input_errors_are_the_builtin_types_callers_catch():
     assert issubclass(InputError, ValueError)
     assert issubclass(InputTypeError, InputError) and issubclass(InputTypeError, TypeError)
-    for error_type in (CheckpointError, NonFiniteError, DistributedSetupError, DataNotFoundError, InputFileError):
+    for error_type in (CheckpointError, DistributedSetupError, DataNotFoundError, InputFileError):
         assert issubclass(error_type, InputError), error_type
-    assert issubclass(NonFiniteError, RuntimeError) and issubclass(DistributedSetupError, RuntimeError)
+    assert issubclass(DivergenceError, RuntimeError) and issubclass(DistributedSetupError, RuntimeError)
+    # A diverged run is not input the user got wrong: the settings were valid, the run did not converge.
+    assert not issubclass(DivergenceError, (InputError, ValueError))
     assert issubclass(DataNotFoundError, FileNotFoundError)
 
 
@@ -72,6 +76,32 @@ def test_an_input_error_is_one_line_with_exit_code_2(monkeypatch, capsys):
     assert cli.main(["evaluate", "--checkpoint", "x"]) == 2
     err = capsys.readouterr().err
     assert err == "rgkern evaluate: error: --checkpoint 'x' is not usable\n"
+
+
+def test_a_diverged_run_is_its_own_line_and_exit_code(monkeypatch, capsys):
+    error = DivergenceError("step 7: the loss is nan;\n the update was not applied", 7)
+    monkeypatch.setattr(train_commands, "run_evaluate", fail_with(error))
+    assert cli.main(["evaluate", "--checkpoint", "x"]) == cli.DIVERGED_EXIT_CODE == 3
+    assert capsys.readouterr().err == "rgkern evaluate: training diverged: step 7: the loss is nan; the update was not applied\n"
+
+
+def test_train_reports_a_divergence_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """A real run through ``rgkern train`` whose loss becomes NaN at the 3rd update (after the checkpoint at step 2)."""
+    original_loss = Trainer.loss
+
+    def poisoned_loss(self, batch):
+        loss = original_loss(self, batch)
+        return loss * float("nan") if self.step == 2 else loss
+
+    monkeypatch.setattr(Trainer, "loss", poisoned_loss)
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--out", str(out), "--steps", "4", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
+    assert cli.main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("rgkern train: training diverged: step 3: the loss is nan; the update was not applied"), err
+    assert f"the last checkpoint ({out / 'model.safetensors'}) is unchanged" in err[0]
+    assert "error:" not in err[0] and "Traceback" not in err[0]
 
 
 @pytest.mark.parametrize("error", [RuntimeError("a real bug"), ValueError("a plain ValueError"), TypeError("a plain TypeError"), OSError(errno.EIO, "I/O error")])

@@ -10,7 +10,7 @@ from rgkern.tools.checkpoint import CheckpointError, load_checkpoint
 from rgkern.tools.evaluation import evaluate_bpd, quality_kind, sample_quality
 from rgkern.tools.presets import PRESETS, TrainConfig, make_config, preset_names, resume_config
 from rgkern.tools.train import CHECKPOINT_NAME, HISTORY_NAME, build_model, train
-from rgkern.tools.trainer import NonFiniteError, Trainer, batch_indices
+from rgkern.tools.trainer import DivergenceError, Trainer, batch_indices
 
 from utils import assert_same_state, msds_images, quiet, tiny_config, trainer
 
@@ -195,7 +195,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, im
 
     monkeypatch.setattr(Trainer, "loss", poisoned_loss)
     run = trainer(tiny(steps=10, eval_every=5, checkpoint_every=5), images, tmp_path / "run")
-    with pytest.raises(NonFiniteError, match=r"step 7: the loss is nan") as error:
+    with pytest.raises(DivergenceError, match=r"step 7: the loss is nan") as error:
         run.fit(progress=False)
     assert error.value.step == 7
     assert run.step == 6
@@ -213,7 +213,7 @@ def test_nan_gradient_stops_training_before_the_update(tmp_path, images):
     for _ in range(2):
         run.train_step()
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan.*no checkpoint was written"):
+    with pytest.raises(DivergenceError, match=r"step 3: the gradient norm is nan.*no checkpoint was written"):
         run.train_step()
     handle.remove()
     for key, value in run.model.state_dict().items():

@@ -13,11 +13,14 @@ commands silently going missing.
 
 Errors raised for input the user can fix (:class:`rgkern.core.errors.InputError` and its
 subclasses: bad arguments and settings, missing or unwritable files, a torchrun set-up this
-machine cannot serve, a training run stopped by NaN/inf) are printed as one line
-``rgkern <command>: error: ...`` on stderr, with exit code 2 (as for argparse's own usage
-errors; argparse's usage block is left out, ``--help`` shows it). Running out of memory
-(a ``--batch-size`` or ``--num`` too large for the machine) is reported the same way. Any
-other exception is a bug, or a problem rgkern does not diagnose, and keeps its traceback.
+machine cannot serve) are printed as one line ``rgkern <command>: error: ...`` on stderr,
+with exit code 2 (as for argparse's own usage errors; argparse's usage block is left out,
+``--help`` shows it). Running out of memory (a ``--batch-size`` or ``--num`` too large for
+the machine) is reported the same way. A training run that diverges (a NaN or infinite loss
+or gradient norm: :class:`rgkern.tools.trainer.DivergenceError`) is not bad input: it is
+printed as one line ``rgkern train: training diverged: ...`` with exit code
+:data:`DIVERGED_EXIT_CODE` (3). Any other exception is a bug, or a problem rgkern does not
+diagnose, and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
@@ -26,9 +29,13 @@ import importlib
 import sys
 
 from ..core.errors import InputError
+from ..tools.trainer import DivergenceError
 from . import train as train_commands
 
-__all__ = ["main", "build_parser", "EXTENSION_MODULES", "Parser"]
+__all__ = ["main", "build_parser", "EXTENSION_MODULES", "Parser", "DIVERGED_EXIT_CODE"]
+
+#: The exit code of a command whose training run diverged (:class:`rgkern.tools.trainer.DivergenceError`).
+DIVERGED_EXIT_CODE = 3
 
 EXTENSION_MODULES = ("rgkern.cli.inpaint", "rgkern.cli.explain", "rgkern.cli.profile", "rgkern.cli.authors")
 
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 usage or input error, 130 interrupted)."""
+    """Run the command line; returns the exit code (0 ok, 2 usage or input error, 3 training diverged, 130 interrupted)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's name, as its own errors are
@@ -78,6 +85,9 @@ def main(argv=None) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"rgkern {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except DivergenceError as error:
+        print(f"rgkern {args.command}: training diverged: {' '.join(str(error).split())}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     except (RuntimeError, MemoryError) as error:
         if not _out_of_memory(error):
             raise

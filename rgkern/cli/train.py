@@ -45,7 +45,9 @@ def _add_train(subparsers) -> None:
         help="train a model (writes checkpoint, history, bits/dim plot and samples)",
         description="Train RG-Flow by maximum likelihood. Settings left out come from the preset (with --resume, from the run being continued). "
         "Writes OUT/model.safetensors (+ model.json), OUT/history.json, OUT/bpd.png, OUT/samples.png and OUT/data.png (training images, for comparison). "
-        "On MSDS data it records the samples' quality score (rgkern.tools.quality) at every evaluation and prints it at the end beside the data's.",
+        "On MSDS data it records the samples' quality score (rgkern.tools.quality) at every evaluation and prints it at the end beside the data's. "
+        "A run whose loss or gradient norm becomes NaN or infinite stops before that update with 'rgkern train: training diverged: ...' "
+        "and exit code 3; its last checkpoint is kept.",
     )
     parser.add_argument(
         "--preset", default=None,

@@ -8,10 +8,11 @@ for a wrong type or dtype) or, for a file or folder that cannot be read or writt
 
 The command line prints exactly these as one line ``rgkern <command>: error: ...`` and
 exits with code 2; any other exception is a bug, or a problem rgkern did not diagnose, and
-keeps its traceback. Subclasses elsewhere: ``CheckpointError``
-(:mod:`rgkern.tools.checkpoint`), ``NonFiniteError`` (:mod:`rgkern.tools.train`),
-``DistributedSetupError`` (:mod:`rgkern.tools.distributed`), ``DataNotFoundError``
-(:mod:`rgkern.data`).
+keeps its traceback. Subclasses elsewhere include ``CheckpointError``
+(:mod:`rgkern.tools.checkpoint`), ``DistributedSetupError`` (:mod:`rgkern.tools.distributed`),
+``DataNotFoundError`` (:mod:`rgkern.data`). A training run that diverges (a NaN or infinite
+loss) is not an input error: it raises ``DivergenceError`` (:mod:`rgkern.tools.trainer`), a
+``RuntimeError``, which the command line reports on its own line and exit code.
 
 This module imports nothing from rgkern, so every layer may use it (the data loaders too).
 """

@@ -9,9 +9,9 @@ arithmetic), so it resumes bit-identically; :mod:`rgkern.tools.trainer` (the
 :class:`~rgkern.tools.trainer.Trainer`) says how. The held-out bits/dim and the MSDS quality
 score recorded at every evaluation are in :mod:`rgkern.tools.evaluation`.
 
-Failure handling: a NaN or infinite loss or gradient norm stops training with
-:class:`~rgkern.tools.trainer.NonFiniteError` naming the step; the update is not applied and nothing is written,
-so the last good checkpoint stays. Resuming with a different model config raises
+Failure handling: a NaN or infinite loss or gradient norm (the run diverged) stops training
+with :class:`~rgkern.tools.trainer.DivergenceError` naming the step; the update is not applied
+and nothing is written, so the last good checkpoint stays. Resuming with a different model config raises
 :class:`rgkern.tools.checkpoint.CheckpointError`; with different training settings, ``ValueError``.
 An output folder that cannot be written raises ``PermissionError`` before any work starts; a
 disk that fills up while a checkpoint is written raises ``OSError`` naming the file, and the

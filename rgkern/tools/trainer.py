@@ -53,7 +53,7 @@ from .presets import TrainConfig, learning_rate
 
 __all__ = [
     "Trainer",
-    "NonFiniteError",
+    "DivergenceError",
     "make_optimizer",
     "batch_indices",
     "flip_mask",
@@ -70,10 +70,16 @@ HISTORY_NAME = "history.json"
 _RESUME_KEYS = ("data", "train_size", "test_size", "batch_size", "lr", "lr_schedule", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "seed", "bf16", "hflip", "dtype")
 
 
-class NonFiniteError(InputError, RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; training stopped before the update."""
+class DivergenceError(RuntimeError):
+    """Training diverged: the loss or the gradient norm of update ``step`` became NaN or infinite.
 
-    def __init__(self, message: str, step: int):
+    Training stopped before that update. Not an :class:`~rgkern.core.errors.InputError`:
+    the settings were valid, the run did not converge with them (a lower learning rate or
+    stronger clipping may). The command line reports it as ``rgkern train: training
+    diverged: ...`` with exit code :data:`rgkern.cli.DIVERGED_EXIT_CODE`.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
 
@@ -347,7 +353,7 @@ class Trainer:
         :meth:`fit`); it travels with the loss in the same all-reduce, and
         ``self.stop_agreed`` says afterwards whether any process asked.
 
-        Raises :class:`NonFiniteError` (before the update, leaving model and optimiser as
+        Raises :class:`DivergenceError` (before the update, leaving model and optimiser as
         they were) when the loss or the gradient norm is not finite; under DDP all processes
         see the same figures and stop together.
         """
@@ -372,9 +378,10 @@ class Trainer:
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 last = f"the last checkpoint ({self.checkpoint_path}) is unchanged" if self.checkpoint_path.exists() else "no checkpoint was written"
-                raise NonFiniteError(
-                    f"training stopped at step {number}: the {what} is {value}; the update was not applied "
-                    f"and {last}. Try a lower learning rate, or resume from the checkpoint",
+                raise DivergenceError(
+                    f"step {number}: the {what} is {value}; the update was not applied and {last}. "
+                    "Resuming with the same settings repeats the same steps: start a new run with a lower "
+                    "learning rate (--lr) or stronger gradient clipping (--clip-norm)",
                     number,
                 )
         for group in self.optimizer.param_groups:
