@@ -328,3 +328,39 @@ def test_mnist_labels_and_arguments(tmp_path):
     with pytest.raises(DataNotFoundError, match="nothing"):
         MNIST(tmp_path / "nothing")
     assert read_idx(tmp_path / "train-images-idx3-ubyte", 2051).shape == (3, 28, 28)
+
+
+def test_an_mnist_gzip_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch):
+    """A small .gz whose header is MNIST's but which inflates far past its data (here 256 MiB
+    of zeros in under 300 kB) is refused after reading its header's worth and a bounded look
+    past it, not decompressed whole; a header declaring more than an MNIST file may hold is
+    refused before any data is read."""
+    import zlib
+
+    reads = []
+    real_read = gzip.GzipFile.read
+
+    def counted(self, size=-1):
+        data = real_read(self, size)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    bomb = tmp_path / "bomb" / "train-images-idx3-ubyte.gz"
+    bomb.parent.mkdir()
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # a gzip stream
+    with open(bomb, "wb") as f:
+        f.write(compressor.compress(_idx_bytes(_digits(2, 3))))
+        zeros = bytes(2**20)
+        for _ in range(256):
+            f.write(compressor.compress(zeros))
+        f.write(compressor.flush())
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(ValueError, match=r"at least 1048576 bytes after the 1568 bytes"):
+        MNIST(bomb.parent)
+    assert sum(reads) < 2 * 2**20, "decompressed no further than the data and the bounded look past it"
+
+    huge = tmp_path / "huge" / "train-images-idx3-ubyte"
+    _write(huge, (2051).to_bytes(4, "big") + (10**9).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+    with pytest.raises(ValueError, match=r"header gives shape \(1000000000, 28, 28\).*more than the 268,435,456"):
+        MNIST(huge.parent)

@@ -45,54 +45,66 @@ def _find(folders: List[Path], base: str) -> Optional[Path]:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
-    if not path.name.endswith(".gz"):
-        return path.read_bytes()
-    try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise InputError(f"cannot decompress MNIST file {path}: {type(exc).__name__}: {exc}") from exc
+#: The most data bytes an idx file may declare: MNIST's largest, the 60,000 training images,
+#: hold 47,040,000. A header that declares more is refused before anything is decompressed.
+MAX_IDX_BYTES = 2**28
+# Trailing bytes read past the declared data to count them (a bound: a file with more says "at least").
+_TRAILING_PROBE = 2**20
 
 
-def read_idx(path: Union[str, os.PathLike], magic: int) -> np.ndarray:
+def read_idx(path: Union[str, os.PathLike], magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """The uint8 array of an idx file (optionally gzip-compressed) whose magic number must be ``magic``.
 
     The idx format: a big-endian int32 magic number ``0x0000 08 D`` (``08``: unsigned
     bytes; ``D``: the number of dimensions), ``D`` big-endian int32 sizes, then the data in
     row-major order. Raises :class:`ValueError` naming the file and the value found for a
-    wrong magic number, a header or data shorter than the sizes say, or trailing bytes.
+    wrong magic number, a header or data shorter than the sizes say, trailing bytes, or a
+    header that declares more than ``max_bytes`` of data. The file is read as a stream, the
+    header first: a gzip file is decompressed only as far as its header says (plus a bounded
+    look for trailing bytes), so a small file that inflates to gigabytes costs nothing.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise InputError(f"MNIST file {path} is {len(data)} bytes long, too short for an idx "
-                         "header (truncated?)")
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
-        hint = ""
-        if data[:2] == b"\x1f\x8b":
-            hint = "; it looks gzip-compressed: name it with a .gz suffix"
-        raise InputError(
-            f"MNIST file {path} has magic number {found} (0x{found:08x}), expected {magic} "
-            f"(0x{magic:08x}: unsigned bytes, {magic & 0xFF} dimension(s)){hint}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise InputError(f"MNIST file {path} is {len(data)} bytes long, shorter than its "
-                         f"{header}-byte header (truncated)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
-    body = len(data) - header
-    if body < expected:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise InputError(f"MNIST file {path} is {len(head)} bytes long, too short for an idx "
+                                 "header (truncated?)")
+            found = int.from_bytes(head, "big")
+            if found != magic:
+                hint = ""
+                if head[:2] == b"\x1f\x8b":
+                    hint = "; it looks gzip-compressed: name it with a .gz suffix"
+                raise InputError(
+                    f"MNIST file {path} has magic number {found} (0x{found:08x}), expected {magic} "
+                    f"(0x{magic:08x}: unsigned bytes, {magic & 0xFF} dimension(s)){hint}")
+            ndim = magic & 0xFF
+            header = 4 + 4 * ndim
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise InputError(f"MNIST file {path} is {4 + len(sizes)} bytes long, shorter than its "
+                                 f"{header}-byte header (truncated)")
+            shape = tuple(int.from_bytes(sizes[4 * i: 4 + 4 * i], "big") for i in range(ndim))
+            expected = int(np.prod(shape))
+            if expected > max_bytes:
+                raise InputError(
+                    f"MNIST file {path}: its header gives shape {shape} ({expected:,} bytes of data), more than "
+                    f"the {max_bytes:,} an idx file of MNIST may hold; not an MNIST file")
+            data = f.read(expected + _TRAILING_PROBE)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise InputError(f"cannot decompress MNIST file {path}: {type(exc).__name__}: {exc}") from exc
+    if len(data) < expected:
         raise InputError(
             f"MNIST file {path} is truncated: its header gives shape {shape} "
-            f"({expected} bytes of data) but it holds {body}")
-    if body > expected:
+            f"({expected} bytes of data) but it holds {len(data)}")
+    if len(data) > expected:
+        trailing = len(data) - expected
+        count = f"at least {trailing}" if trailing == _TRAILING_PROBE else str(trailing)
         raise InputError(
-            f"MNIST file {path} has {body - expected} bytes after the {expected} bytes of "
+            f"MNIST file {path} has {count} bytes after the {expected} bytes of "
             f"data its header gives (shape {shape}); not an idx file of that shape")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _read_images(path: Path) -> np.ndarray:
