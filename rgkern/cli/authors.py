@@ -10,7 +10,7 @@ from ..core.priors import PRIORS
 __all__ = ["add_cli", "run_import_authors"]
 
 
-def add_cli(subparsers) -> argparse.ArgumentParser:
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "import-authors",
         help="convert a checkpoint of the authors' RG-Flow code into an rgkern checkpoint",
@@ -31,7 +31,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_import_authors(args) -> int:
+def run_import_authors(args: argparse.Namespace) -> int:
     from ..tools.authors import load_authors_checkpoint
     from ..tools.checkpoint import save_checkpoint
     from ..tools.files import run_lock

@@ -145,7 +145,7 @@ def _check_outputs(args) -> None:
         check_writable(path)
 
 
-def run_receptive_fields(args) -> int:
+def run_receptive_fields(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, generator = _load(args)
     z = _inputs(args, model, generator, args.num)
@@ -162,7 +162,7 @@ def run_receptive_fields(args) -> int:
     return 0
 
 
-def run_traverse(args) -> int:
+def run_traverse(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, generator = _load(args)
     level = check_level(model, model.num_levels - 1 if args.level is None else args.level)
@@ -179,7 +179,7 @@ def run_traverse(args) -> int:
     return 0
 
 
-def run_mix_temperature(args) -> int:
+def run_mix_temperature(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, generator = _load(args)
     settings = args.setting or default_temperature_settings(model.num_levels)
@@ -189,7 +189,7 @@ def run_mix_temperature(args) -> int:
     return 0
 
 
-def run_scale_mix(args) -> int:
+def run_scale_mix(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, generator = _load(args)
     if args.data:
@@ -204,7 +204,7 @@ def run_scale_mix(args) -> int:
     return 0
 
 
-def run_progressive(args) -> int:
+def run_progressive(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, generator = _load(args)
     inputs = _inputs(args, model, generator, args.num)
@@ -239,7 +239,7 @@ def _options(parser: argparse.ArgumentParser, num: int, data_help: str | None) -
     add_common_options(parser)
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the explainability subcommands to an ``argparse`` subparsers object.
 
     ``receptive-fields``, ``traverse``, ``mix-temperature``, ``scale-mix`` and ``progressive``

@@ -20,7 +20,7 @@ from .options import add_checkpoint_option, add_common_options, checkpoint_path,
 __all__ = ["add_cli", "run_inpaint"]
 
 
-def add_cli(subparsers) -> argparse.ArgumentParser:
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``inpaint`` subcommand to an ``argparse`` subparsers object.
 
     The handler is stored as ``func`` in the parsed namespace (``args.func(args)``, returns
@@ -53,7 +53,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_inpaint(args) -> int:
+def run_inpaint(args: argparse.Namespace) -> int:
     """Handler of the ``inpaint`` subcommand (see :func:`add_cli`); returns an exit code."""
     device = setup_runtime(args)
     checkpoint = checkpoint_path(args.checkpoint)

@@ -118,7 +118,7 @@ def threads(text: str) -> int:
     return _bounded_int(text, 1, f"a number of threads in 1 .. {cap}", cap, "the CPUs this process may use")
 
 
-def temperature(text: str):
+def temperature(text: str) -> float | list[float]:
     """A temperature or one per RG level (``0.2,0.6,0.6,0.6``); the model checks levels and range."""
     from ..core.errors import InputError
     from ..tools.sampling import parse_temperature
@@ -135,7 +135,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def setup_runtime(args) -> str:
+def setup_runtime(args: argparse.Namespace) -> str:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args.device or default_device()

@@ -8,7 +8,7 @@ from .options import positive_int
 __all__ = ["add_cli", "run_profile"]
 
 
-def add_cli(subparsers) -> argparse.ArgumentParser:
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "profile",
         help="count kernels, host syncs, FLOPs and bytes of each pass and estimate GPU time",
@@ -29,7 +29,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_profile(args) -> int:
+def run_profile(args: argparse.Namespace) -> int:
     backends = ("torch", "triton") if args.backend == "both" else (args.backend,)
     if "triton" in backends:
         import torch

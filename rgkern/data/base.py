@@ -44,12 +44,12 @@ class ImageDataset(Dataset):
 # Argument checking helpers
 # --------------------------------------------------------------------------- #
 
-def is_int(value) -> bool:
+def is_int(value: object) -> bool:
     """True for an integer (a numpy one too) that is not a bool."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def check_split(split) -> str:
+def check_split(split: object) -> str:
     """``split`` itself if it is "train" or "test"."""
     if split not in ("train", "test"):
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
@@ -64,7 +64,7 @@ class SizeTooLargeError(InputError):
         self.requested, self.available = requested, available
 
 
-def check_size(size, total: int, what: str) -> int:
+def check_size(size: object, total: int, what: str) -> int:
     """``size`` None -> ``total``; else a positive int <= total (:class:`SizeTooLargeError` if larger)."""
     if size is None:
         return total

@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL
@@ -150,8 +150,8 @@ _CELL_ORIGINS = np.stack(
     axis=1)
 
 
-def generate_msds(kind: int, indices_or_count, seed: int = 0, split: str = "train",
-                  progress: bool = False) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+def generate_msds(kind: int, indices_or_count: Union[int, Sequence[int], np.ndarray], seed: int = 0,
+                  split: str = "train", progress: bool = False) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """Generate MSDS1 (``kind=1``) or MSDS2 (``kind=2``) images and labels.
 
     Parameters

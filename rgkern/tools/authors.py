@@ -169,7 +169,7 @@ def _authors_shape(what: str, rgkern_shape: torch.Size) -> tuple:
     return (rgkern_shape[-1],) if what in ("slope", "bias") else tuple(rgkern_shape)
 
 
-def convert_authors_state_dict(state: dict, **overrides) -> tuple[RGFlow, dict]:
+def convert_authors_state_dict(state: dict, **overrides: object) -> tuple[RGFlow, dict]:
     """An rgkern ``variant="authors"`` model and its state dict from the authors' flow state dict.
 
     ``overrides`` replace the inferred RGFlow arguments (e.g. ``prior="gaussian"``,
@@ -233,7 +233,7 @@ def convert_authors_state_dict(state: dict, **overrides) -> tuple[RGFlow, dict]:
     return model, out
 
 
-def load_authors_checkpoint(path, **overrides) -> RGFlow:
+def load_authors_checkpoint(path: Path | str, **overrides: object) -> RGFlow:
     """An rgkern model (``variant="authors"``) from a ``<epoch>.state`` file of the authors' code.
 
     The file is read with ``torch.load(weights_only=True)``; it may be the training script's

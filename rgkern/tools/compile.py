@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -15,7 +16,8 @@ __all__ = ["compile_function", "COMPILE_BACKEND_ENV"]
 COMPILE_BACKEND_ENV = "RGKERN_COMPILE_BACKEND"
 
 
-def compile_function(fn, device, cuda_graphs: bool = False, backend: str | None = None):
+def compile_function(fn: Callable, device: torch.device | str, cuda_graphs: bool = False,
+                     backend: str | None = None) -> Callable:
     """``torch.compile(fn, fullgraph=True)``, with CUDA graphs when ``cuda_graphs``.
 
     ``cuda_graphs`` selects ``mode="reduce-overhead"`` (inductor captures the compiled code

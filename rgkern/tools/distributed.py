@@ -30,6 +30,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -81,7 +82,7 @@ class DistributedContext:
 SINGLE_PROCESS = DistributedContext()
 
 
-def launched_by_torchrun(environ=None) -> bool:
+def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     """True when ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` are set (as torchrun does)."""
     environ = os.environ if environ is None else environ
     return all(key in environ for key in _ENV_KEYS)
@@ -99,7 +100,7 @@ def _env_int(environ, key: str, default=None) -> int:
         raise InputError(f"environment variable {key}={text!r} is not an integer") from None
 
 
-def context_from_environment(environ=None) -> DistributedContext:
+def context_from_environment(environ: Mapping[str, str] | None = None) -> DistributedContext:
     """The :class:`DistributedContext` torchrun describes in the environment (single process without it)."""
     environ = os.environ if environ is None else environ
     if not launched_by_torchrun(environ):
@@ -128,7 +129,7 @@ def current_context() -> DistributedContext:
     return DistributedContext(world_size, rank, local_rank, local_world_size)
 
 
-def resolve_device(device, context: DistributedContext) -> torch.device:
+def resolve_device(device: torch.device | str | None, context: DistributedContext) -> torch.device:
     """The training device of this process: ``cuda:LOCAL_RANK`` for CUDA under torchrun.
 
     ``device`` is ``None`` (CUDA when available, else the CPU), a string or a
@@ -156,7 +157,7 @@ def resolve_device(device, context: DistributedContext) -> torch.device:
     return torch.device("cuda", context.local_rank)
 
 
-def init_distributed(device=None) -> tuple[DistributedContext, torch.device, bool]:
+def init_distributed(device: torch.device | str | None = None) -> tuple[DistributedContext, torch.device, bool]:
     """Start the process group torchrun asked for; returns ``(context, device, started)``.
 
     ``started`` is True when this call initialised the process group (its caller then ends
@@ -262,7 +263,7 @@ def _wait_until_backend_lets_go(timeout: float = 10.0) -> None:
     _HANDED_TO_BACKEND.clear()
 
 
-def broadcast_object(value, context: DistributedContext, source: int = 0):
+def broadcast_object(value: object, context: DistributedContext, source: int = 0) -> object:
     """``value`` of rank ``source`` on every process (picklable objects)."""
     if not context.enabled:
         return value

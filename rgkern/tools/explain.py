@@ -31,12 +31,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..core.errors import InputError, InputTypeError
 from ..core.preprocess import preprocess
+
+if TYPE_CHECKING:
+    from ..core.model import RGFlow, Temperature
 
 __all__ = [
     "latent_positions",
@@ -71,7 +74,7 @@ def _param(model) -> torch.Tensor:
     return next(model.parameters())
 
 
-def check_level(model, level) -> int:
+def check_level(model: RGFlow, level: object) -> int:
     """``level`` itself if it is an RG level of ``model`` (an int in ``0 .. H-1``), else ``ValueError``."""
     H = model.num_levels
     if not _is_int(level) or not 0 <= level < H:
@@ -79,7 +82,7 @@ def check_level(model, level) -> int:
     return level
 
 
-def check_channel(model, channel):
+def check_channel(model: RGFlow, channel: object) -> int | None:
     """``channel`` itself if it is ``None`` (all channels) or a channel index of ``model``, else ``ValueError``."""
     C = model.channels
     if channel is None:
@@ -89,7 +92,7 @@ def check_channel(model, channel):
     return channel
 
 
-def latent_positions(model, level: int) -> torch.Tensor:
+def latent_positions(model: RGFlow, level: int) -> torch.Tensor:
     """LongTensor ``(P, 2)``: the pixel positions ``(i, j)`` of the latents of RG ``level``, row-major."""
     level = check_level(model, level)
     return (model.levels == level).nonzero()
@@ -121,7 +124,7 @@ def _check_positions(model, positions, level: int | None) -> torch.Tensor:
     return rows
 
 
-def as_latents(model, z) -> torch.Tensor:
+def as_latents(model: RGFlow, z: torch.Tensor) -> torch.Tensor:
     """Latents ``(B, C, L, L)`` from latents (float) or 8-bit images (uint8, encoded at bin centres)."""
     if not isinstance(z, torch.Tensor):
         raise InputTypeError(f"z must be a torch.Tensor of latents (float) or 8-bit images (uint8), got {type(z).__name__}")
@@ -134,7 +137,7 @@ def as_latents(model, z) -> torch.Tensor:
     return z
 
 
-def as_model_space(model, x, name: str) -> torch.Tensor:
+def as_model_space(model: RGFlow, x: torch.Tensor, name: str) -> torch.Tensor:
     """Model-space images from 8-bit (uint8) or model-space (float) images."""
     if not isinstance(x, torch.Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor (uint8 images or model-space floats), got {type(x).__name__}")
@@ -215,14 +218,14 @@ def _receptive_fields(model, z: torch.Tensor, elements: torch.Tensor, progress: 
 
 
 def receptive_field(
-    model,
+    model: RGFlow,
     level: int,
-    positions,
-    z=None,
+    positions: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+    z: torch.Tensor | None = None,
     num_samples: int = 16,
     channel: int | None = None,
-    temperature=1.0,
-    generator=None,
+    temperature: Temperature = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Receptive fields (eq. 14) of the latents of ``level`` at ``positions``.
 
@@ -277,12 +280,12 @@ class LevelReceptiveFields:
 
 
 def receptive_fields_per_level(
-    model,
+    model: RGFlow,
     per_level: int | None = 8,
-    z=None,
+    z: torch.Tensor | None = None,
     num_samples: int = 16,
-    temperature=1.0,
-    generator=None,
+    temperature: Temperature = 1.0,
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> list[LevelReceptiveFields]:
     """Receptive fields of ``per_level`` randomly chosen latents of every RG level (figures 5, H1-H4).
@@ -314,7 +317,7 @@ def receptive_fields_per_level(
     return out
 
 
-def strongest_latent(model, level: int, z: torch.Tensor, channel: int | None = None) -> tuple[int, int]:
+def strongest_latent(model: RGFlow, level: int, z: torch.Tensor, channel: int | None = None) -> tuple[int, int]:
     """Position ``(i, j)`` of the latent of ``level`` with the strongest receptive field on ``z``."""
     positions = latent_positions(model, level)
     fields = receptive_field(model, level, positions, z, channel=channel)
@@ -322,7 +325,8 @@ def strongest_latent(model, level: int, z: torch.Tensor, channel: int | None = N
     return tuple(positions[int(strengths.argmax())].tolist())
 
 
-def plot_receptive_fields(results: Sequence[LevelReceptiveFields], path, columns: int | None = None, cell: float = 0.9) -> Path:
+def plot_receptive_fields(results: Sequence[LevelReceptiveFields], path: Path | str, columns: int | None = None,
+                          cell: float = 0.9) -> Path:
     """Figure 5 (b): a grid of receptive fields, one row per level (top level first), each scaled to max 1.
 
     Writes a PNG at ``path`` (matplotlib's Agg canvas, no ``pyplot``) and returns the path.
@@ -351,7 +355,7 @@ def plot_receptive_fields(results: Sequence[LevelReceptiveFields], path, columns
     return _save_figure(figure, path)
 
 
-def plot_receptive_field_histograms(results: Sequence[LevelReceptiveFields], path, bins: int = 30) -> Path:
+def plot_receptive_field_histograms(results: Sequence[LevelReceptiveFields], path: Path | str, bins: int = 30) -> Path:
     """Figure 5 (c): per level, a histogram of receptive-field strengths (log count). Writes a PNG."""
     from matplotlib.figure import Figure
 
@@ -377,7 +381,8 @@ def _save_figure(figure, path) -> Path:
 
 # --------------------------------------------------------------------------- traversal
 @torch.no_grad()
-def traverse(model, z, level: int, position, channel: int | None = None, values=DEFAULT_TRAVERSAL_VALUES) -> torch.Tensor:
+def traverse(model: RGFlow, z: torch.Tensor, level: int, position: Sequence[int] | torch.Tensor, channel: int | None = None,
+             values: Sequence[float] | torch.Tensor = DEFAULT_TRAVERSAL_VALUES) -> torch.Tensor:
     """Latent traversal (figures 4, 6): set one latent to each of ``values``, keep the others.
 
     Args:
@@ -425,7 +430,8 @@ def default_temperature_settings(num_levels: int) -> list[tuple[float, ...]]:
 
 
 @torch.no_grad()
-def mixed_temperature_grid(model, settings=None, n: int = 8, generator=None, z=None) -> torch.Tensor:
+def mixed_temperature_grid(model: RGFlow, settings: Sequence[Temperature] | None = None, n: int = 8,
+                           generator: torch.Generator | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
     """Samples at a temperature per RG level (appendix D), one row per setting.
 
     Every row decodes the same unit-temperature draw ``u`` scaled per latent,
@@ -483,7 +489,7 @@ def _mix(model, z_a, z_b, cut: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scale_mix(model, x_a, x_b, cut: int) -> torch.Tensor:
+def scale_mix(model: RGFlow, x_a: torch.Tensor, x_b: torch.Tensor, cut: int) -> torch.Tensor:
     """Hyperbolic (scale) mixing, sec. 4.5: latents of levels below ``cut`` from ``x_a``, the rest from ``x_b``.
 
     ``cut`` is a boundary between RG levels, ``0 .. H``: cut ``c`` lies between level ``c - 1``
@@ -505,7 +511,7 @@ def scale_mix(model, x_a, x_b, cut: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scale_mix_all_cuts(model, x_a, x_b) -> torch.Tensor:
+def scale_mix_all_cuts(model: RGFlow, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
     """:func:`scale_mix` at every cut: model-space images ``(B, H + 1, C, L, L)``, index = cut.
 
     Column 0 reproduces ``x_b``, column ``H`` reproduces ``x_a``.
@@ -517,7 +523,7 @@ def scale_mix_all_cuts(model, x_a, x_b) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- progressive generation
 @torch.no_grad()
-def progressive_generation(model, z) -> torch.Tensor:
+def progressive_generation(model: RGFlow, z: torch.Tensor) -> torch.Tensor:
     """Progressive generation, figure 5 (a): decode keeping the levels ``>= h``, the rest at 0.
 
     Zero is the mode of both priors. Column ``t`` of the result uses ``h = H - t``, so the

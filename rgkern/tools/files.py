@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from ..core.errors import InputError, file_error
 
@@ -64,13 +65,13 @@ _TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a
 _LEGACY_TEMP = re.compile(r"^\.(?:.+\.[a-z0-9_]{8}\.(?:tmp|probe)|write-test\.[a-z0-9_]{8})$")
 
 
-def temporary_name(path) -> Path:
+def temporary_name(path: str | os.PathLike) -> Path:
     """A fresh temporary path beside ``path``: ``.NAME.HOST-PID-TOKEN.tmp`` (not created)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def create_temporary(path, suffix: str = ".tmp") -> Path:
+def create_temporary(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     """Create an empty temporary file beside ``path`` (mode ``0666`` less the umask); returns its path."""
     for _ in range(100):
         tmp = temporary_name(path)
@@ -106,7 +107,7 @@ def _orphan(name: str, legacy: bool) -> bool:
     return legacy and _LEGACY_TEMP.match(name) is not None
 
 
-def remove_orphans(folder, target: str | None = None, legacy: bool = False) -> list:
+def remove_orphans(folder: str | os.PathLike, target: str | None = None, legacy: bool = False) -> list:
     """Remove temporary files that processes of this host left in ``folder`` when they died.
 
     ``target``: only those of that file name (``None``: of every name). ``legacy``: also the
@@ -182,7 +183,7 @@ def _reported(error: BaseException, path: Path):
     return file_error(code, f"cannot write {str(path)!r}: {_WRITE_ERRORS[code]} ({type(error).__name__}: {error}); {kept}")
 
 
-def atomic_write_many(items) -> list:
+def atomic_write_many(items: Iterable[tuple[str | os.PathLike, Callable[[str], object]]]) -> list:
     """Write several files as :func:`atomic_write` does, all before the first is replaced.
 
     ``items``: ``[(path, write), ...]``; ``write(tmp)`` writes one file's content to the path
@@ -222,7 +223,7 @@ def atomic_write_many(items) -> list:
     return [path for path, _ in items]
 
 
-def atomic_write(path, write) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Write ``path`` through ``write(tmp)`` into a temporary file beside it, then rename it.
 
     On any failure the temporary file is removed and ``path`` is left as it was. A full
@@ -284,7 +285,7 @@ class RunLock:
     previous holder that ended without releasing it, e.g. killed; ``None`` otherwise).
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.fd = None
@@ -380,7 +381,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_lock(folder):
+def run_lock(folder: str | os.PathLike) -> Iterator[RunLock]:
     """Hold the lock of run folder ``folder`` (created if needed) for the ``with`` block.
 
     Yields the :class:`RunLock`. Raises :class:`RunFolderBusyError` (an ``InputError``)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ __all__ = ["as_uint8_images", "image_grid", "save_image_grid", "save_image_group
 MAX_GRID_PIXELS = 2**26
 
 
-def check_grid_size(n: int, channels: int, height: int, width: int, nrow=None, scale: int = 1, padding: int = 1):
+def check_grid_size(n: int, channels: int, height: int, width: int, nrow: int | None = None, scale: int = 1,
+                    padding: int = 1) -> tuple[int, int]:
     """``(rows, columns)`` in pixels of the grid :func:`save_image_grid` would write, or ValueError.
 
     Raises ``ValueError`` naming ``scale`` and the largest scale that fits when the picture
@@ -49,7 +51,7 @@ def check_grid_size(n: int, channels: int, height: int, width: int, nrow=None, s
     return height_px * scale, width_px * scale
 
 
-def as_uint8_images(images) -> np.ndarray:
+def as_uint8_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """``images`` (uint8 tensor or array ``(N, C, H, W)``, N >= 1, C = 1 or 3) as a numpy array, or a clear error."""
     if isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8:
@@ -67,7 +69,7 @@ def as_uint8_images(images) -> np.ndarray:
     return images
 
 
-def image_grid(images, nrow: int | None = None, padding: int = 1, pad_value: int = 128) -> np.ndarray:
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, padding: int = 1, pad_value: int = 128) -> np.ndarray:
     """Tile uint8 images ``(N, C, H, W)`` into one uint8 array ``(C, rows*(H+p)+p, nrow*(W+p)+p)``.
 
     ``nrow`` images per row (default ``ceil(sqrt(N))``), ``padding`` pixels of ``pad_value``
@@ -94,7 +96,8 @@ def image_grid(images, nrow: int | None = None, padding: int = 1, pad_value: int
     return grid
 
 
-def save_image_grid(images, path, nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128) -> Path:
+def save_image_grid(images: torch.Tensor | np.ndarray, path: Path | str, nrow: int | None = None, scale: int = 1,
+                    padding: int = 1, pad_value: int = 128) -> Path:
     """Write uint8 images ``(N, C, H, W)`` (C = 1 or 3) as one PNG grid; returns the path.
 
     ``scale`` enlarges every pixel to ``scale x scale`` (nearest neighbour) so small images
@@ -130,7 +133,8 @@ def _label_strip(text: str, width: int, channels: int) -> np.ndarray:
     return np.repeat(np.asarray(strip)[None], channels, axis=0)
 
 
-def save_image_groups(groups, labels, path, nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128) -> Path:
+def save_image_groups(groups: Sequence[torch.Tensor | np.ndarray], labels: Sequence[str], path: Path | str,
+                      nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128) -> Path:
     """Write groups of uint8 images, each under a text label, as one PNG, the groups top to bottom; returns the path.
 
     ``groups``: a sequence of uint8 ``(N_i, C, H, W)`` (C = 1 or 3, the same C, H, W in
@@ -173,8 +177,8 @@ def save_image_groups(groups, labels, path, nrow: int | None = None, scale: int 
     return path
 
 
-def save_gif(frames, path, labels=None, nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128,
-             duration: int = 500) -> Path:
+def save_gif(frames: Sequence[torch.Tensor | np.ndarray], path: Path | str, labels: Sequence[str] | None = None,
+             nrow: int | None = None, scale: int = 1, padding: int = 1, pad_value: int = 128, duration: int = 500) -> Path:
     """Write an animated GIF, one frame per uint8 batch ``(N, C, H, W)`` of ``frames``, looping forever; returns the path.
 
     Each frame is the grid :func:`save_image_grid` writes of its batch (``nrow``, ``scale``,
@@ -212,7 +216,7 @@ def save_gif(frames, path, labels=None, nrow: int | None = None, scale: int = 1,
     return path
 
 
-def plot_history(history, path, title: str | None = None, reference: dict | None = None) -> Path:
+def plot_history(history: Sequence[dict], path: Path | str, title: str | None = None, reference: dict | None = None) -> Path:
     """Plot training and held-out bits/dim against the step and save it (PNG); returns the path.
 
     ``history`` is a list of dicts with ``step``, ``train_bpd`` and ``test_bpd`` (either

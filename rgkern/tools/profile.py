@@ -21,9 +21,13 @@ import contextlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from ..core.model import RGFlow
 
 __all__ = ["WorkCounter", "Work", "count_work", "saved_activation_bytes", "GPUS", "GPU", "roofline_seconds"]
 
@@ -129,7 +133,7 @@ class WorkCounter(TorchDispatchMode):
         return out
 
     @contextlib.contextmanager
-    def triton_launch(self, nbytes: int):
+    def triton_launch(self, nbytes: int) -> Iterator[None]:
         """Count one Triton launch (its bytes: ``nbytes``); aten ops inside it are not counted."""
         self.work.kernels += 1
         self.work.triton += 1
@@ -157,7 +161,7 @@ def _counted_triton_launches(counter: WorkCounter, run_kernels: bool = True):
         yield
 
 
-def count_work(fn, *args, run_kernels: bool = True, **kwargs) -> tuple[Work, object]:
+def count_work(fn: Callable, *args: object, run_kernels: bool = True, **kwargs: object) -> tuple[Work, object]:
     """Run ``fn(*args, **kwargs)`` once and return ``(Work, its result)``.
 
     ``run_kernels=False`` counts the Triton launches without running them (their outputs
@@ -171,7 +175,7 @@ def count_work(fn, *args, run_kernels: bool = True, **kwargs) -> tuple[Work, obj
     return counter.work, result
 
 
-def saved_activation_bytes(fn, *args, **kwargs) -> tuple[int, object]:
+def saved_activation_bytes(fn: Callable, *args: object, **kwargs: object) -> tuple[int, object]:
     """Bytes autograd saves for the backward of ``fn(*args, **kwargs)``; returns ``(bytes, result)``.
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks`` once per storage (a tensor saved
@@ -232,7 +236,7 @@ def roofline_seconds(work: Work, gpu: GPU, scale_flops: float = 1.0, scale_bytes
 PAPER_STRUCTURE = dict(image_size=32, channels=3, kernel_size=4, n_layers=(8, 6, 4, 2), hidden=512, n_res=4, n_mlp=2)
 
 
-def pass_functions(model, batch: int, seed: int = 0) -> dict:
+def pass_functions(model: RGFlow, batch: int, seed: int = 0) -> dict:
     """The passes to count, as functions of no arguments: name -> fn.
 
     ``train``: ``log_prob``, mean, backward (what a training step runs before clipping and
@@ -290,7 +294,8 @@ def _extrapolate(one: Work, two: Work, batch: int) -> Work:
     return work
 
 
-def profile_passes(config: dict | None = None, batch: int = 64, backends=("torch",), passes=None, progress=None) -> list[dict]:
+def profile_passes(config: dict | None = None, batch: int = 64, backends: Sequence[str] = ("torch",),
+                   passes: Sequence[str] | None = None, progress: Callable[[str], object] | None = None) -> list[dict]:
     """Count every pass of ``config`` (default: the paper's model) per backend, at ``batch``.
 
     Counts run on the CPU at batch 2 and 3 with the full model (kernel counts do not depend

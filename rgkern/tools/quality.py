@@ -130,7 +130,7 @@ def label_blobs(bright: np.ndarray) -> np.ndarray:
     return labels.reshape(n, height, width)
 
 
-def msds_quality(images, kind: int = 1) -> dict:
+def msds_quality(images: torch.Tensor | np.ndarray, kind: int = 1) -> dict:
     """The MSDS quality score of uint8 images ``(N, 3, 32, 32)`` (a torch tensor or numpy array).
 
     ``kind``: 1 (MSDS1: colour is the global factor) or 2 (MSDS2: orientation is); kind 2
@@ -233,7 +233,8 @@ TOGETHER_COSINE = 0.5
 _CELLS, _CELL_SIZE = 4, 8
 
 
-def traversal_cells(frames, change_threshold: float = CELL_CHANGE_THRESHOLD, together_cosine: float = TOGETHER_COSINE) -> dict:
+def traversal_cells(frames: torch.Tensor | np.ndarray, change_threshold: float = CELL_CHANGE_THRESHOLD,
+                    together_cosine: float = TOGETHER_COSINE) -> dict:
     """How many of the 16 MSDS oval cells a traversal recolours, and how many recolour together.
 
     ``frames``: uint8 images ``(B, V, 3, 32, 32)`` (torch or numpy): for each of B images the
