@@ -98,6 +98,10 @@ BAD_FILES = {
     "extra-tensor": (_extra_tensor, "extra_weight"),
     "invalid-config": (lambda s, t: _rewrite(s, t, document=lambda d: {**d, "config": {**d["config"], "image_size": 33}}), "invalid model config"),
     "unknown-setting": (lambda s, t: _rewrite(s, t, document=lambda d: {**d, "config": {**d["config"], "warp_drive": 1}}), "cannot build"),
+    "info-a-list": (lambda s, t: _rewrite(s, t, document=lambda d: {**d, "info": [1, 2]}), "its info is a list"),
+    "train-config-a-string": (lambda s, t: _rewrite(s, t, document=lambda d: {**d, "info": {**d["info"], "train_config": "fast"}}),
+                              "its info.train_config is a str"),
+    "negative-step": (lambda s, t: _rewrite(s, t, document=lambda d: {**d, "step": -5}), "its step is -5, not an int >= 0"),
 }
 
 

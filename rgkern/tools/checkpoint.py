@@ -242,8 +242,15 @@ def _parse_document(path: Path, metadata: dict) -> dict:
             f"checkpoint {str(path)!r} has format {version!r}; this version of rgkern reads formats 1 to "
             f"{FORMAT_VERSION}: update rgkern to load it"
         )
-    if not isinstance(document.get("step", 0), int):
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its step is {document.get('step')!r}, not an int")
+    if not isinstance(document.get("step", 0), int) or isinstance(document.get("step", 0), bool) or document.get("step", 0) < 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its step is {document.get('step')!r}, not an int >= 0")
+    info = document.get("info", {})
+    if not isinstance(info, dict) or not isinstance(info.get("train_config", {}), dict):
+        what = "info" if not isinstance(info, dict) else "info.train_config"
+        found = info if not isinstance(info, dict) else info["train_config"]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt: its {what} is a {type(found).__name__} ({str(found)[:60]!r}), not a mapping"
+        )
     return document
 
 
