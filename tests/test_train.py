@@ -102,24 +102,34 @@ def test_quality_kind_is_for_msds_images_only():
     assert quality_kind("msds1", (1, 32, 32)) is None and quality_kind("msds2", (3, 32, 32)) == 2
 
 
-def test_sample_temperatures_and_the_single_sample_temperature():
-    assert tiny().picture_temperatures == [1.0, 0.7]
-    assert tiny(sample_temperature=0.8).picture_temperatures == [0.8]  # the setting before there were several
-    assert tiny(sample_temperatures=[0.5, [1.0, 0.2, 0.2, 0.2]]).picture_temperatures == [0.5, [1.0, 0.2, 0.2, 0.2]]
-    # A run saved with one temperature keeps it on resume, unless new temperatures are given.
-    saved = tiny(sample_temperature=0.8).to_dict()
-    assert resume_config(saved).picture_temperatures == [0.8]
-    assert resume_config(saved, sample_temperatures=[1.0, 0.3]).picture_temperatures == [1.0, 0.3]
-    old = tiny().to_dict()
-    old.pop("sample_temperatures")
-    old["sample_temperature"] = 1.0  # as saved before this setting existed
-    assert resume_config(old).picture_temperatures == [1.0]
+def test_sample_temperatures_one_list_and_the_old_single_temperature():
+    assert tiny().sample_temperatures == [1.0, 0.7]
+    assert tiny(sample_temperatures=[0.8]).sample_temperatures == [0.8]
+    assert tiny(sample_temperatures=[0.5, [1.0, 0.2, 0.2, 0.2]]).sample_temperatures == [0.5, [1.0, 0.2, 0.2, 0.2]]
+    assert "sample_temperature" not in tiny().to_dict()  # one setting, one name
+    with pytest.raises(ValueError, match="unknown training settings"):
+        make_config("tiny", sample_temperature=0.8)
+    saved = tiny(sample_temperatures=[0.8]).to_dict()
+    assert resume_config(saved).sample_temperatures == [0.8]
+    assert resume_config(saved, sample_temperatures=[1.0, 0.3]).sample_temperatures == [1.0, 0.3]
+    # Runs saved with the former single temperature keep it on resume (it applied instead of
+    # the list), unless new temperatures are given; None there meant "use the list".
+    older = {**tiny().to_dict(), "sample_temperature": 0.8}
+    assert resume_config(older).sample_temperatures == [0.8]
+    assert resume_config(older, sample_temperatures=[1.0, 0.3]).sample_temperatures == [1.0, 0.3]
+    assert "sample_temperature" not in resume_config(older).to_dict()
+    assert resume_config({**tiny(sample_temperatures=[0.5]).to_dict(), "sample_temperature": None}).sample_temperatures == [0.5]
+    oldest = tiny().to_dict()
+    oldest.pop("sample_temperatures")
+    oldest["sample_temperature"] = 1.0  # as saved before the list existed
+    assert resume_config(oldest).sample_temperatures == [1.0]
+    oldest.pop("sample_temperature")  # before either existed
+    assert resume_config(oldest).sample_temperatures == [1.0, 0.7]
     for bad in ([], 0.7, [1.0] * 9):
         with pytest.raises(ValueError, match="sample_temperatures must be a list of 1 to 8"):
             tiny(sample_temperatures=bad)
 
 
-# ----------------------------------------------------------------------------- resume
 def test_resume_is_bit_identical(tmp_path, images):
     steps = 3
     config = tiny(steps=2 * steps, eval_every=2, checkpoint_every=100)
@@ -306,7 +316,7 @@ def test_presets():
         (dict(lr=-1.0), "lr must be a finite number"),
         (dict(steps=1.5), "steps must be a positive int"),
         (dict(model={"image_size": 64}), "taken from the data"),
-        (dict(sample_temperature=[1.0, 1.0]), "expected one per RG level"),
+        (dict(sample_temperatures=[[1.0, 1.0]]), "expected one per RG level"),
         (dict(sample_temperatures=[1.0, [1.0, 1.0]]), "expected one per RG level"),
     ],
 )

@@ -185,6 +185,24 @@ def test_resume_of_a_checkpoint_that_predates_the_new_settings(tmp_path, images)
     assert [e["step"] for e in result.history] == [0, 2, 3]
 
 
+def test_a_run_saved_with_the_former_single_sample_temperature_resumes_with_it(tmp_path, images, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(CLI_TINY + ["--out", str(out)], capsys)
+    assert code == 0, err
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    saved = state["info"]["train_config"]
+    assert "sample_temperature" not in saved
+    saved["sample_temperature"] = 0.8  # as saved before it was folded into sample_temperatures (it applied instead)
+    run = trainer(tiny(steps=2), images, tmp_path / "unused")
+    load_checkpoint(out / CHECKPOINT_NAME, run.model, run.optimizer)
+    save_checkpoint(out / CHECKPOINT_NAME, run.model, run.optimizer, step=2, info=state["info"], extra_tensors=state["extra_tensors"])
+    code, err = run_cli(["train", "--out", str(out), "--resume", "--steps", "3", "--num-samples", "4", "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    assert list(json.loads((out / "history.json").read_text())[-1]["quality"]) == ["0.8"]
+    resumed = read_document(out / CHECKPOINT_NAME)["info"]["train_config"]
+    assert resumed["sample_temperatures"] == [0.8] and "sample_temperature" not in resumed
+
+
 # ----------------------------------------------------------------------------- learning-rate schedules
 def test_learning_rate_schedules():
     constant = tiny(lr=0.02, steps=100)

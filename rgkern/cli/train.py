@@ -103,7 +103,7 @@ def _add_train(subparsers) -> None:
         help="temperatures of OUT/samples.png, one labelled row group each, and of the MSDS quality score; "
         "each a float or one per RG level, comma-separated (default: 1.0 0.7)",
     )
-    temperatures.add_argument("--sample-temperature", default=None, help="one temperature only, instead of --sample-temperatures")
+    temperatures.add_argument("--sample-temperature", default=None, metavar="T", help="one temperature only: the same as --sample-temperatures T")
     parser.add_argument("--num-samples", type=positive_int, default=64, help="images per temperature in OUT/samples.png (default 64)")
     add_common_options(parser)
     parser.set_defaults(func=run_train)
@@ -169,8 +169,9 @@ def run_train(args) -> int:
     device = args.device if args.device else None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    temperature = None if args.sample_temperature is None else parse_temperature(args.sample_temperature)
-    temperatures = None if args.sample_temperatures is None else [parse_temperature(t) for t in args.sample_temperatures]
+    # --sample-temperature T is --sample-temperatures T (argparse lets only one of them through).
+    given = args.sample_temperatures if args.sample_temperature is None else [args.sample_temperature]
+    temperatures = None if given is None else [parse_temperature(t) for t in given]
     out = Path(args.out) if args.out else Path("runs") / (args.preset or "cpu")
     # With --resume, settings left out come from the run being continued (its checkpoint).
     saved = None
@@ -205,7 +206,6 @@ def run_train(args) -> int:
         seed=args.seed,
         train_size=args.train_size,
         test_size=args.test_size,
-        sample_temperature=temperature,
         sample_temperatures=temperatures,
     )
     config = resume_config(saved, **settings) if saved is not None else make_config(args.preset or "cpu", **settings)
@@ -232,7 +232,7 @@ def _train_and_write(args, config, out: Path, time_limit) -> int:
     from ..tools.train import load_images, train
 
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, time_limit=time_limit)
-    temperatures = config.picture_temperatures
+    temperatures = config.sample_temperatures
     model = result.model
     kind = quality_kind(config.data, (model.channels, model.image_size, model.image_size))
     reference = None

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..core.errors import InputError, InputTypeError
 
@@ -128,9 +129,10 @@ class TrainConfig:
     ``None`` picks CUDA when available, else the CPU. ``sample_temperatures``: the
     temperatures (each a float or one per RG level) of the sample grid the CLI writes at the
     end, one row group each, and of the MSDS quality score recorded at every evaluation
-    (:mod:`rgkern.tools.quality`). ``sample_temperature``: one temperature instead of them
-    (the setting before there were several; ``None``: use ``sample_temperatures``);
-    :attr:`picture_temperatures` is the list that applies.
+    (:mod:`rgkern.tools.quality`); one temperature is a list of one (``--sample-temperature T``
+    gives ``[T]``). Runs saved by earlier versions may also hold a single
+    ``sample_temperature`` (when not None it applied instead of the list);
+    :func:`resume_config` reads it as that list of one.
     """
 
     model: dict = field(default_factory=dict)
@@ -158,11 +160,10 @@ class TrainConfig:
     cuda_graphs: bool = False
     activation_checkpointing: bool = False
     device: str | None = None
-    sample_temperature: float | list | None = None
     sample_temperatures: list = field(default_factory=lambda: list(DEFAULT_SAMPLE_TEMPERATURES))
 
-    def __post_init__(self):
-        def positive_int(name, allow_none=False):
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
             value = getattr(self, name)
             if allow_none and value is None:
                 return
@@ -214,12 +215,8 @@ class TrainConfig:
             )
         self.sample_temperatures = list(temperatures)
 
-    @property
-    def picture_temperatures(self) -> list:
-        """The temperatures of the sample grid and of the quality score: ``[sample_temperature]`` when it is set, else ``sample_temperatures``."""
-        return list(self.sample_temperatures) if self.sample_temperature is None else [self.sample_temperature]
-
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict (as saved in checkpoints; :func:`resume_config` reads it back)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
@@ -244,7 +241,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_config(preset: str = "cpu", **overrides) -> TrainConfig:
+def make_config(preset: str = "cpu", **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a preset name, with keyword ``overrides`` (``None`` values ignored).
 
     ``model`` in ``overrides`` updates the preset's model dict key by key.
@@ -264,17 +261,22 @@ def make_config(preset: str = "cpu", **overrides) -> TrainConfig:
     return TrainConfig(preset=preset, **settings)
 
 
+# The single sample temperature of runs saved before TrainConfig.sample_temperatures existed,
+# later an override of that list; when not None it was the one temperature that applied.
+_SAVED_SINGLE_TEMPERATURE = "sample_temperature"
+
 # Settings a resumed run takes from the caller rather than from the run it continues: they
 # do not change its trajectory, and may differ from one session (or machine) to the next.
 _SESSION_SETTINGS = ("device", "compile", "cuda_graphs", "activation_checkpointing")
 
 
-def resume_config(saved: dict, **overrides) -> TrainConfig:
+def resume_config(saved: dict, **overrides: Any) -> TrainConfig:
     """The :class:`TrainConfig` of a saved run (``saved``: its :meth:`TrainConfig.to_dict`), with ``overrides``.
 
     Settings ``saved`` lacks (a run written before they existed) take their defaults, and
     so do ``device``, ``compile``, ``cuda_graphs`` and ``activation_checkpointing``, which
-    belong to the session rather than the run. ``overrides`` as in :func:`make_config`
+    belong to the session rather than the run. A saved single ``sample_temperature`` (older
+    runs) becomes ``sample_temperatures=[it]``. ``overrides`` as in :func:`make_config`
     (``None`` values ignored; ``model`` updates the saved model dict key by key).
     """
     if not isinstance(saved, dict):
@@ -282,10 +284,10 @@ def resume_config(saved: dict, **overrides) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: copy.deepcopy(v) for k, v in saved.items() if k in known and k not in _SESSION_SETTINGS}
     settings["model"] = {**settings.get("model", {}), **(overrides.pop("model", None) or {})}
+    if saved.get(_SAVED_SINGLE_TEMPERATURE) is not None:  # it applied instead of the saved list
+        settings["sample_temperatures"] = [copy.deepcopy(saved[_SAVED_SINGLE_TEMPERATURE])]
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise InputError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
-    if overrides.get("sample_temperatures") is not None:  # they replace the saved single temperature
-        settings.pop("sample_temperature", None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**settings)

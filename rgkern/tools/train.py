@@ -210,7 +210,7 @@ def _train_in_folder(config, out, resume, overwrite, progress, log, time_limit, 
     if ordered and main:
         dist_utils.barrier(context)
     model = build_model(config, image_size=train_images.shape[-1], channels=train_images.shape[1])
-    for temperature in config.picture_temperatures:  # a bad sample temperature fails now, not after training
+    for temperature in config.sample_temperatures:  # a bad sample temperature fails now, not after training
         model.temperature_map(temperature, device="cpu")
     check_inputs = model.check_inputs
     trainer = Trainer(model, train_images, test_images, config, out, log=log, distributed=context)

@@ -404,7 +404,7 @@ class Trainer:
         entry = {"step": self.step, "train_bpd": train_bpd, "test_bpd": test_bpd, "time": round(time.time(), 1),
                  "lr": learning_rate(self.config, max(0, self.step - 1))}
         if self.quality_kind is not None and self.distributed.is_main:
-            entry["quality"] = sample_quality(self.model, self.quality_kind, self.config.picture_temperatures)
+            entry["quality"] = sample_quality(self.model, self.quality_kind, self.config.sample_temperatures)
         self.history.append(entry)
         self._loss_sum, self._loss_count = 0.0, 0
         return entry
