@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn, Sequence
 
 from ..core.errors import InputError
 from ..tools.trainer import DivergenceError
@@ -47,7 +48,7 @@ class Parser(argparse.ArgumentParser):
     ``PROG`` is ``rgkern train``, ``rgkern sample``, ...
     """
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
 
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 usage or input error, 3 training diverged, 130 interrupted)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

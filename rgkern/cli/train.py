@@ -6,6 +6,7 @@ the plot and the samples.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .options import (
 __all__ = ["add_cli", "run_train", "run_sample", "run_evaluate"]
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``sample`` and ``evaluate`` to an ``argparse`` subparsers object."""
     _add_train(subparsers)
     _add_sample(subparsers)
@@ -156,7 +157,7 @@ def _model_overrides(args) -> dict:
     return model
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from ..tools.checkpoint import read_document
     from ..tools.distributed import check_global_batch_size, context_from_environment, resolve_device
     from ..tools.files import run_lock
@@ -286,7 +287,7 @@ def _add_sample(subparsers) -> None:
     parser.set_defaults(func=run_sample)
 
 
-def run_sample(args) -> int:
+def run_sample(args: argparse.Namespace) -> int:
     from ..tools.checkpoint import load_model
     from ..tools.sampling import check_writable, parse_temperature, write_samples
 
@@ -336,7 +337,7 @@ def _add_evaluate(subparsers) -> None:
     parser.set_defaults(func=run_evaluate)
 
 
-def run_evaluate(args) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     from ..tools.checkpoint import load_checkpoint
     from ..tools.evaluation import evaluate_bpd
     from ..tools.train import load_images

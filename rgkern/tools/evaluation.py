@@ -14,12 +14,17 @@ CPU generator seeded with :data:`QUALITY_SEED` (fixed, like the held-out noise):
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Iterable, Sequence
+
 import torch
 
 from ..core.errors import InputError
 from ..core.preprocess import bits_per_dim, preprocess
 from .quality import msds_quality
 from .sampling import sample_images, temperature_label
+
+if TYPE_CHECKING:
+    from ..core.model import RGFlow, Temperature
 
 __all__ = ["EVAL_NOISE_SEED", "QUALITY_SAMPLES", "QUALITY_SEED", "evaluate_bpd", "quality_kind", "sample_quality"]
 
@@ -31,7 +36,7 @@ QUALITY_SEED = 20_200_102
 
 
 @torch.no_grad()
-def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: bool = False) -> float:
+def evaluate_bpd(model: RGFlow, images: torch.Tensor, batch_size: int = 256, progress: bool = False) -> float:
     """Mean bits/dim of uint8 ``images (N, C, L, L)`` under ``model``, deterministically.
 
     The dequantisation noise is drawn on the CPU from a generator seeded with
@@ -54,14 +59,16 @@ def evaluate_bpd(model, images: torch.Tensor, batch_size: int = 256, progress: b
     return float(total) / len(images)
 
 
-def quality_kind(data: str, shape=(3, 32, 32)) -> int | None:
+def quality_kind(data: str, shape: Sequence[int] = (3, 32, 32)) -> int | None:
     """The ``kind`` of :func:`rgkern.tools.quality.msds_quality` for a dataset name: 1 or 2 for MSDS1 / MSDS2 images of ``shape`` ``(3, 32, 32)``, else None."""
     kind = {"msds1": 1, "msds2": 2}.get(str(data).lower())
     return kind if tuple(shape) == (3, 32, 32) else None
 
 
 @torch.no_grad()
-def sample_quality(model, kind: int, temperatures, num: int = QUALITY_SAMPLES, seed: int = QUALITY_SEED) -> dict:
+def sample_quality(
+    model: RGFlow, kind: int, temperatures: Iterable[Temperature], num: int = QUALITY_SAMPLES, seed: int = QUALITY_SEED
+) -> dict[str, dict]:
     """``{temperature_label(t): msds_quality(samples at t)}`` for ``num`` samples per temperature.
 
     Each temperature decodes the latents of one CPU generator seeded with ``seed`` (the same

@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,7 +71,7 @@ __all__ = [
 ]
 
 
-def load_images(name: str, root=None, split: str = "train", size: int | None = None, progress: bool = True) -> torch.Tensor:
+def load_images(name: str, root: str | os.PathLike | None = None, split: str = "train", size: int | None = None, progress: bool = True) -> torch.Tensor:
     """uint8 ``(N, C, L, L)`` images of a dataset split (:func:`rgkern.data.load_dataset`)."""
     from ..data import load_dataset
 
@@ -104,11 +106,11 @@ class TrainResult:
 
 def train(
     config: TrainConfig,
-    out,
+    out: str | os.PathLike,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    log=print,
+    log: Callable[[str], object] = print,
     time_limit: float | None = None,
 ) -> TrainResult:
     """Load the data, build the model and train it as ``config`` says, writing into ``out``.

@@ -37,6 +37,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -121,7 +122,7 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def check_output_folder(out) -> Path:
+def check_output_folder(out: str | os.PathLike) -> Path:
     """Create ``out`` if needed and check that a file can be written there; returns it as a Path.
 
     Raises ``PermissionError`` naming the folder when it cannot be created or written (also
@@ -156,7 +157,7 @@ class _LogProb(torch.nn.Module):
     is unaffected.
     """
 
-    def __init__(self, model: RGFlow, fn):
+    def __init__(self, model: RGFlow, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.model = model
         self.fn = fn
@@ -169,7 +170,7 @@ def _quiet(_line) -> None:
     pass
 
 
-def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel where the installed torch has one for these parameters, else foreach.
 
     The fused and foreach versions compute the same update to float rounding; the fused one
@@ -209,10 +210,10 @@ class Trainer:
         train_images: torch.Tensor,
         test_images: torch.Tensor,
         config: TrainConfig,
-        out,
-        log=print,
+        out: str | os.PathLike,
+        log: Callable[[str], object] = print,
         distributed: DistributedContext | None = None,
-    ):
+    ) -> None:
         self.distributed = dist_utils.current_context() if distributed is None else distributed
         self.out = check_output_folder(out)
         self.config = config
