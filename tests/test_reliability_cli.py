@@ -50,6 +50,7 @@ BAD_ARGUMENTS = [
     pytest.param(["train", "--preset", "tiny", "--out", "OUT", "--time-limit", "-1"], "train", ["--time-limit"], id="time-limit"),
     pytest.param(["train", "--preset", "tiny", "--out", "OUT", "--resume", "--overwrite"], "train", ["not allowed with"], id="resume-and-overwrite"),
     pytest.param(["train", "--preset", "tiny", "--out", "OUT", "--bogus"], "train", ["unrecognized arguments: --bogus"], id="unknown-option"),
+    pytest.param(["train", "--preset", "tiny", "--out", "OUT", "--n-layers", "0"], "train", ["no weights to train", "0 blocks is the identity"], id="n-layers-zero"),
     pytest.param(["train", "--preset", "huge", "--out", "OUT"], "train", ["unknown preset 'huge'"], id="unknown-preset"),
     pytest.param(["evaluate", "--checkpoint", "RUN", "--split", "val"], "evaluate", ["invalid choice: 'val'"], id="split"),
     pytest.param(["inpaint", "--checkpoint", "RUN", "--out", "OUT", "--steps", "-1"], "inpaint", ["--steps"], id="inpaint-steps"),

@@ -234,6 +234,11 @@ class Trainer:
                 )
         if len(train_images) < config.batch_size:
             raise InputError(f"batch_size {config.batch_size} is larger than the {len(train_images)} training images")
+        if sum(p.numel() for p in model.parameters() if p.requires_grad) == 0:
+            raise InputError(
+                f"the model has no weights to train: n_layers is {model.config.get('n_layers')!r}, and a sublayer of 0 "
+                "blocks is the identity; give at least one level 1 or more blocks"
+            )
         self.dtype = _torch_dtype(config.dtype)
         self.model = model.to(self.device, self.dtype)
         # Inputs come from uint8 images through preprocess: finite by construction. Skipping
