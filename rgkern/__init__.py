@@ -1,6 +1,6 @@
 """rgkern: a kernel-accelerated RG-Flow (Hu, Wu, You, Olshausen, Chen).
 
-    model = rgkern.RGFlow(image_size=32, channels=3)   # DESIGN.md section 6
+    model = rgkern.RGFlow(image_size=32, channels=3)   # docs/design.md section 6
     z, logdet = model.encode(x)
 
 Subpackages, one layer each, each importing only the layers below it (README, "Layout"):
@@ -14,6 +14,7 @@ and ``cli`` (the command line). ``data`` (the datasets) is a leaf that tools and
 of rgkern it imports only ``core.errors``. This module re-exports the public API;
 ``rgkern.inpaint`` here is the function (the module is ``rgkern.locality.inpaint``).
 """
+from . import checkpoint as checkpoint  # rgkern.checkpoint.load_authors_checkpoint etc. (docs/design.md section 6)
 from .core.geometry import Geometry, get_geometry
 from .core.model import RGFlow
 from .core.preprocess import bits_per_dim, postprocess, preprocess
@@ -31,8 +32,6 @@ from .tools.explain import (
     traverse,
 )
 from .tools.quality import msds_quality
-
-from . import checkpoint  # rgkern.checkpoint.load_authors_checkpoint etc. (DESIGN.md section 6)
 
 __version__ = "0.1.0"
 

@@ -19,21 +19,10 @@ from typing import Iterator, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("rgkern", "kernels")
 
-# Files another engineer is editing now, annotated when their owner is done with them: their
-# findings are tolerated, nothing else is. Remove a path here once its file is annotated (and
-# empty the set when all are); test_pending_files_exist keeps the set from going stale.
-PENDING = {
-    "rgkern/__init__.py",
-    "rgkern/cli/__init__.py",
-    "rgkern/cli/train.py",
-    "rgkern/core/errors.py",
-    "rgkern/tools/presets.py",
-    "rgkern/tools/sampling.py",
-    "rgkern/tools/train.py",
-    # New modules split out of rgkern/tools/train.py by the same engineer.
-    "rgkern/tools/evaluation.py",
-    "rgkern/tools/trainer.py",
-}
+# Files whose findings are tolerated while their annotations are under way (none today): list
+# a path here only for the length of a change, never to silence a check for good;
+# test_pending_files_exist keeps the set from going stale.
+PENDING: set = set()
 
 _IMPLICIT_FIRST = ("self", "cls", "ctx")
 

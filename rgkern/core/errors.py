@@ -73,7 +73,7 @@ _BY_OS_ERROR = {
 }
 
 
-def file_error(code, message: str) -> InputFileError:
+def file_error(code: int | None, message: str) -> InputFileError:
     """``OSError(code, message)`` as an :class:`InputFileError` of the same ``OSError`` subclass.
 
     ``OSError(errno.EACCES, ...)`` gives a ``PermissionError``; ``file_error(errno.EACCES,

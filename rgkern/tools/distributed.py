@@ -7,7 +7,7 @@ starts the process group (``nccl`` on CUDA, ``gloo`` on the CPU) and gives each 
 device (``cuda:LOCAL_RANK`` on CUDA). Without those variables, or with ``WORLD_SIZE=1``,
 everything here is a no-op and training runs in one process as before.
 
-How a run is split (:class:`rgkern.tools.train.Trainer` does this):
+How a run is split (:class:`rgkern.tools.trainer.Trainer` does this):
 
 * ``batch_size`` is the **global** batch. Every process computes the same global batch
   indices and the same dequantisation noise (all hold the same generator state, as one

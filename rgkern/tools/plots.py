@@ -221,7 +221,7 @@ def plot_history(history: Sequence[dict], path: Path | str, title: str | None = 
 
     ``history`` is a list of dicts with ``step``, ``train_bpd`` and ``test_bpd`` (either
     bits/dim may be ``None``, e.g. the held-out value before the first step has no training
-    value), as written by :class:`rgkern.tools.train.Trainer`. The picture is 600 x 400
+    value), as written by :class:`rgkern.tools.trainer.Trainer`. The picture is 600 x 400
     pixels; when entries hold an MSDS quality score (``"quality"``: ``{temperature label:
     score}``, see :mod:`rgkern.tools.quality`) a second panel beside it, 1200 x 400 in all,
     shows the samples' oval-sized blobs (%), blobs per image and colour spread (and the

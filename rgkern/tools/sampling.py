@@ -24,15 +24,18 @@ import errno
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ..core.errors import InputError, InputTypeError, file_error
+from ..core.preprocess import postprocess
 from .files import create_temporary, remove_orphans
 from .plots import check_grid_size, save_image_grid, save_image_groups
-from ..core.preprocess import postprocess
+
+if TYPE_CHECKING:
+    from ..core.model import RGFlow, Temperature
 
 __all__ = [
     "sample_images",
@@ -62,12 +65,12 @@ BF16_SAMPLE_TOLERANCE = {"model_space_max_abs": 0.01, "uint8_max_abs": 1, "uint8
 class NonFiniteSampleError(InputError, RuntimeError):
     """Decoded samples held NaN or inf (``indices``: the images, counted from 0); nothing was written."""
 
-    def __init__(self, message: str, indices):
+    def __init__(self, message: str, indices: Iterable[int]) -> None:
         super().__init__(message)
         self.indices = list(indices)
 
 
-def parse_temperature(text: str):
+def parse_temperature(text: str) -> float | list[float]:
     """``"0.8"`` -> ``0.8``; ``"0.2,0.6,0.6,0.6"`` -> ``[0.2, 0.6, 0.6, 0.6]`` (one per RG level).
 
     Only the syntax is checked here; the model checks the number of levels and the values.
@@ -84,7 +87,7 @@ def parse_temperature(text: str):
     return values[0] if len(values) == 1 else values
 
 
-def temperature_label(temperature) -> str:
+def temperature_label(temperature: Temperature) -> str:
     """A temperature as text: ``1.0`` -> ``"1"``, ``[0.2, 0.6, 0.6, 0.6]`` -> ``"0.2,0.6,0.6,0.6"``.
 
     The inverse of :func:`parse_temperature` up to float formatting (``:g``); the keys of a
@@ -100,7 +103,7 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-def check_seed(seed) -> int:
+def check_seed(seed: object) -> int:
     """``seed`` if it is an int in ``0 .. MAX_SEED``, else ``ValueError`` (``TypeError``) naming it."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputTypeError(f"seed must be an int in 0 .. {MAX_SEED} (2**63 - 1), got {seed!r}")
@@ -126,10 +129,10 @@ def _sampling_generator(generator, seed) -> torch.Generator:
 
 
 def sample_images(
-    model,
+    model: RGFlow,
     num: int,
     batch_size: int = 256,
-    temperature=1.0,
+    temperature: Temperature = 1.0,
     generator: torch.Generator | None = None,
     seed: int | None = None,
     progress: bool = True,
@@ -253,7 +256,7 @@ def _sample_batches(model, decode, num, batch_size, temperature, generator, prog
             yield images, finite
 
 
-def check_writable(path) -> Path:
+def check_writable(path: str | os.PathLike) -> Path:
     """Check that the file ``path`` can be written (creating its folder); returns it as a Path.
 
     Raises ``OSError`` (``PermissionError`` for permission problems) naming the path when its
@@ -334,12 +337,12 @@ class _NpyStream:
 
 
 def write_samples(
-    model,
+    model: RGFlow,
     num: int = 64,
-    png=None,
-    npz=None,
+    png: str | os.PathLike | None = None,
+    npz: str | os.PathLike | None = None,
     batch_size: int = 256,
-    temperature=1.0,
+    temperature: Temperature = 1.0,
     seed: int | None = 0,
     generator: torch.Generator | None = None,
     grid_size: int = 64,
@@ -430,7 +433,7 @@ def write_samples(
     }
 
 
-def write_sample_groups(model, png, temperatures, num: int = 64, seed: int = 0, nrow: int | None = None, scale: int = 2,
+def write_sample_groups(model: RGFlow, png: str | os.PathLike, temperatures: list, num: int = 64, seed: int = 0, nrow: int | None = None, scale: int = 2,
                         batch_size: int = 256, progress: bool = True) -> dict:
     """Sample ``num`` images at each of ``temperatures`` and write them as one PNG, a labelled row group per temperature.
 
