@@ -21,7 +21,7 @@ from .core.preprocess import bits_per_dim, postprocess, preprocess
 from .core.priors import GaussianPrior, LaplacePrior
 from .locality.incremental import IncrementalDecoder, IncrementalEncoder
 from .locality.inpaint import InpaintResult, inpaint
-from .tools.authors import authors_state_dict, load_authors_checkpoint
+from .tools.authors_checkpoint import authors_state_dict, load_authors_checkpoint
 from .tools.checkpoint import load_model
 from .tools.explain import (
     mixed_temperature_grid,

@@ -3,9 +3,9 @@
 rgkern's own checkpoints (:mod:`rgkern.tools.checkpoint`, including the models shipped in
 ``rgkern/pretrained/``, ``load_pretrained("msds1-cpu")`` or ``"pretrained:msds1-cpu"`` as a
 path) and the authors' ``.state`` files
-(:mod:`rgkern.tools.authors`). A facade: the code lives in those modules.
+(:mod:`rgkern.tools.authors_checkpoint`). A facade: the code lives in those modules.
 """
-from .tools.authors import AuthorsCheckpointError, authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
+from .tools.authors_checkpoint import AuthorsCheckpointError, authors_state_dict, convert_authors_state_dict, load_authors_checkpoint
 from .tools.checkpoint import CheckpointError, load_checkpoint, load_model, load_pretrained, pretrained_names, save_checkpoint
 
 __all__ = [

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rgkern.tools.authors import AuthorsCheckpointError, authors_state_dict, convert_authors_state_dict
+from rgkern.tools.authors_checkpoint import AuthorsCheckpointError, authors_state_dict, convert_authors_state_dict
 
 from utils import random_authors_model
 

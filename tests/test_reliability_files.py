@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from rgkern.core.errors import InputError
-from rgkern.tools.authors import authors_state_dict
+from rgkern.tools.authors_checkpoint import authors_state_dict
 from rgkern.tools.checkpoint import load_checkpoint, read_document, repair_sidecar
 from rgkern.tools.files import LOCK_NAME, RunFolderBusyError, atomic_write, remove_orphans, run_lock
 from rgkern.tools.plots import plot_history, save_image_grid

@@ -7,7 +7,7 @@ import torch
 import rgkern
 from rgkern.checkpoint import load_authors_checkpoint as facade_loader
 from rgkern.cli import main as cli_main
-from rgkern.tools.authors import (
+from rgkern.tools.authors_checkpoint import (
     AuthorsCheckpointError,
     authors_state_dict,
     convert_authors_state_dict,
@@ -15,7 +15,7 @@ from rgkern.tools.authors import (
 )
 from rgkern.tools.checkpoint import load_model, save_checkpoint
 
-from authors_reference import authors_encode, authors_log_prob
+from authors_code_oracle import authors_encode, authors_log_prob
 from utils import random_authors_model, random_images, tiny_model
 
 

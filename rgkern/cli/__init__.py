@@ -38,7 +38,7 @@ __all__ = ["main", "build_parser", "EXTENSION_MODULES", "Parser", "DIVERGED_EXIT
 #: The exit code of a command whose training run diverged (:class:`rgkern.tools.trainer.DivergenceError`).
 DIVERGED_EXIT_CODE = 3
 
-EXTENSION_MODULES = ("rgkern.cli.inpaint", "rgkern.cli.explain", "rgkern.cli.profile", "rgkern.cli.authors")
+EXTENSION_MODULES = ("rgkern.cli.inpaint", "rgkern.cli.explain", "rgkern.cli.profile", "rgkern.cli.import_authors")
 
 
 class Parser(argparse.ArgumentParser):

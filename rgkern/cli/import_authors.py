@@ -32,7 +32,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_import_authors(args: argparse.Namespace) -> int:
-    from ..tools.authors import load_authors_checkpoint
+    from ..tools.authors_checkpoint import load_authors_checkpoint
     from ..tools.checkpoint import save_checkpoint
     from ..tools.files import run_lock
 
