@@ -58,9 +58,9 @@ def _half_step_fake(x, mask, s_scale, t_scale, *rest):
 
 
 def _half_step_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, *rest):
-    weights, (inverse, streams, hidden) = HalfStepWeights.split_arguments(rest)
+    weights, (inverse, streams, hidden_acts) = HalfStepWeights.split_arguments(rest)
     grad_x, grad_s, grad_t, grads = coupling_half_step_backward(
-        grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden
+        grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden_acts
     )
     return (grad_x, grad_s.clone(), grad_t.clone(), *grads.as_operator_grads(x))
 
@@ -74,7 +74,7 @@ half_step_op = Operator(
 half_step_backward_op = Operator(
     "coupling_half_step_backward", _half_step_backward,
     [("grad_y", _TENSOR), ("grad_logdet", _TENSOR), ("x", _TENSOR), ("mask", _TENSOR), ("s_scale", _TENSOR),
-     ("t_scale", _TENSOR), *_WEIGHTS, ("inverse", bool), ("streams", _TENSOR), ("hidden", _TENSOR)],
+     ("t_scale", _TENSOR), *_WEIGHTS, ("inverse", bool), ("streams", _TENSOR), ("hidden_acts", _TENSOR)],
     _GRADIENTS,
     fake=lambda grad_y, grad_logdet, x, mask, s_scale, t_scale, *rest: _gradients_like(x, s_scale, t_scale, rest[:9]),
 )
@@ -94,26 +94,26 @@ class CouplingHalfStepFunction(torch.autograd.Function):
     def forward(ctx, x, mask, s_scale, t_scale, inverse, compute_dtype, *weights):
         save = any(ctx.needs_input_grad)
         compute_dtype = HalfStepWeights(*weights).w_last.dtype if compute_dtype is None else compute_dtype
-        y, logdet, streams, hidden = half_step_op(x, mask, s_scale, t_scale, *weights, bool(inverse), save, compute_dtype)
+        y, logdet, streams, hidden_acts = half_step_op(x, mask, s_scale, t_scale, *weights, bool(inverse), save, compute_dtype)
         ctx.inverse = bool(inverse)
         ctx.absent = [w is None for w in weights]
         if save:
-            ctx.save_for_backward(x, mask, s_scale, t_scale, streams, hidden, *weights)
+            ctx.save_for_backward(x, mask, s_scale, t_scale, streams, hidden_acts, *weights)
         return y, logdet
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_logdet):
-        x, mask, s_scale, t_scale, streams, hidden, *weights = ctx.saved_tensors
+        x, mask, s_scale, t_scale, streams, hidden_acts, *weights = ctx.saved_tensors
         # grad_logdet is read as it is: a sum's gradient arrives expanded (stride 0).
         args = (grad_y.contiguous(), grad_logdet, x, mask, s_scale, t_scale)
         if torch.compiler.is_compiling():
             grad_x, grad_s_scale, grad_t_scale, *grad_weights = half_step_backward_op(
-                *args, *weights, ctx.inverse, streams, hidden
+                *args, *weights, ctx.inverse, streams, hidden_acts
             )
         else:  # the host function itself: its slope gradients need no copies
             grad_x, grad_s_scale, grad_t_scale, grad_weights = coupling_half_step_backward(
-                *args, HalfStepWeights(*weights), ctx.inverse, streams, hidden
+                *args, HalfStepWeights(*weights), ctx.inverse, streams, hidden_acts
             )
         grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]
         return (grad_x, None, grad_s_scale, grad_t_scale, None, None, *grad_weights)
@@ -168,11 +168,11 @@ def _sublayer_fake(images, row_index, mask, flipped_mask, s_scale, t_scale, *res
 
 
 def _sublayer_backward(grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, *rest):
-    weights, (shared, inverse, compute_dtype, rows, streams, hidden, recompute, grad_images_needed) = (
+    weights, (shared, inverse, compute_dtype, rows, streams, hidden_acts, recompute, grad_images_needed) = (
         HalfStepWeights.split_arguments(rest))
     grad_images, grad_s, grad_t, grads = sublayer_couplings_backward(
         grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, weights, shared, inverse,
-        rows, streams, hidden, recompute, grad_images_needed, compute_dtype=compute_dtype,
+        rows, streams, hidden_acts, recompute, grad_images_needed, compute_dtype=compute_dtype,
     )
     return (grad_images, grad_s.clone(), grad_t.clone(), *grads.as_operator_grads(images))
 
@@ -187,7 +187,7 @@ sublayer_op = Operator(
 sublayer_backward_op = Operator(
     "sublayer_couplings_backward", _sublayer_backward,
     [("grad_out", _TENSOR), ("grad_logdet", _TENSOR), *_SUBLAYER_INPUTS, ("rows", _TENSOR), ("streams", _TENSOR),
-     ("hidden", _TENSOR), ("recompute", bool), ("grad_images_needed", bool)],
+     ("hidden_acts", _TENSOR), ("recompute", bool), ("grad_images_needed", bool)],
     _GRADIENTS,
     fake=lambda grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, *rest:
         _gradients_like(images, s_scale, t_scale, rest[:9]),
@@ -214,31 +214,31 @@ class SublayerCouplingsFunction(torch.autograd.Function):
         needs = any(ctx.needs_input_grad)
         compute_dtype = HalfStepWeights(*weights).w_last.dtype if compute_dtype is None else compute_dtype
         ctx.flags = (bool(shared), bool(inverse), bool(recompute), compute_dtype)
-        out, logdet, rows, streams, hidden = sublayer_op(
+        out, logdet, rows, streams, hidden_acts = sublayer_op(
             images, row_index, mask, flipped_mask, s_scale, t_scale, *weights, bool(shared), bool(inverse), compute_dtype,
             needs, needs and not recompute,
         )
         ctx.absent = [w is None for w in weights]
         if needs:
             if recompute:  # the forward's reused slots: the backward recomputes every half-step's
-                streams = hidden = rows.new_empty((0,))
-            ctx.save_for_backward(images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden, *weights)
+                streams = hidden_acts = rows.new_empty((0,))
+            ctx.save_for_backward(images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden_acts, *weights)
         return out, logdet
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_logdet):
-        images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden, *weights = ctx.saved_tensors
+        images, row_index, mask, flipped_mask, s_scale, t_scale, rows, streams, hidden_acts, *weights = ctx.saved_tensors
         shared, inverse, recompute, compute_dtype = ctx.flags
         need_images = ctx.needs_input_grad[0]
         args = (grad_out.contiguous(), grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale)
         if torch.compiler.is_compiling():
             grad_images, grad_s_scale, grad_t_scale, *grad_weights = sublayer_backward_op(
-                *args, *weights, shared, inverse, compute_dtype, rows, streams, hidden, recompute, need_images,
+                *args, *weights, shared, inverse, compute_dtype, rows, streams, hidden_acts, recompute, need_images,
             )
         else:  # the host function itself: its slope gradients need no copies
             grad_images, grad_s_scale, grad_t_scale, grad_weights = sublayer_couplings_backward(
-                *args, HalfStepWeights(*weights), shared, inverse, rows, streams, hidden, recompute, need_images,
+                *args, HalfStepWeights(*weights), shared, inverse, rows, streams, hidden_acts, recompute, need_images,
                 compute_dtype=compute_dtype,
             )
         grad_weights = [None if absent else g for absent, g in zip(ctx.absent, grad_weights)]

@@ -24,12 +24,12 @@ from .weights import HalfStepWeights
 
 
 def activation_shapes(n_rows: int, dim: int, weights: HalfStepWeights, save: bool) -> tuple[tuple, tuple]:
-    """Shapes of the ``streams`` and ``hidden`` buffers :func:`coupling_half_step_forward` returns."""
+    """Shapes of the ``streams`` and ``hidden_acts`` buffers :func:`coupling_half_step_forward` returns."""
     n_res, n_mlp = weights.n_res, weights.n_mlp
     stream_slots = n_res + 1 if save else 2
     hidden_slots = max(1, n_res * n_mlp if save else min(2, n_res * n_mlp))
-    hidden = (hidden_slots, 2, n_rows, weights.hidden_width) if n_mlp else (1,)
-    return (stream_slots, 2, n_rows, dim), hidden
+    hidden_acts = (hidden_slots, 2, n_rows, weights.hidden_width) if n_mlp else (1,)
+    return (stream_slots, 2, n_rows, dim), hidden_acts
 
 
 class PatchTable(NamedTuple):
@@ -65,7 +65,7 @@ def _half_step_constants(dim: int, weights: HalfStepWeights, inverse: bool, gath
 
 
 def launch_forward(x: torch.Tensor, mask: torch.Tensor, s_scale: torch.Tensor, t_scale: torch.Tensor,
-                   weights: HalfStepWeights, inverse: bool, streams: torch.Tensor, hidden: torch.Tensor, y: torch.Tensor,
+                   weights: HalfStepWeights, inverse: bool, streams: torch.Tensor, hidden_acts: torch.Tensor, y: torch.Tensor,
                    logdet: torch.Tensor, patches: Optional[PatchTable] = None, gather: bool = False, scatter: bool = False,
                    accumulate: bool = False, copy_to: Optional[torch.Tensor] = None) -> None:
     """:func:`coupling_half_step_fwd_kernel` on ``n_rows = logdet.numel()`` > 0 rows, tiles by :func:`choose_tiles`.
@@ -79,7 +79,7 @@ def launch_forward(x: torch.Tensor, mask: torch.Tensor, s_scale: torch.Tensor, t
     w = weights.present()
     row_index, num_patches, image_numel = patches if patches is not None else (x, 1, dim)
 
-    def launch(tiles, streams=streams, hidden=hidden, y=y, logdet=logdet, copy_to=copy_to):
+    def launch(tiles, streams=streams, hidden_acts=hidden_acts, y=y, logdet=logdet, copy_to=copy_to):
         launch_kernel(
             coupling_half_step_fwd_kernel,
             (triton.cdiv(n_rows, tiles.block_rows),),
@@ -87,14 +87,14 @@ def launch_forward(x: torch.Tensor, mask: torch.Tensor, s_scale: torch.Tensor, t
             w.w_first, w.b_first, w.slope_first,
             w.w_mid, w.b_mid, w.slope_mid,
             w.w_last, w.b_last, w.slope_last,
-            streams, hidden, y, logdet, row_index, x if copy_to is None else copy_to,
-            n_rows, weights.n_res, weights.n_mid, streams.shape[0], hidden.shape[0], num_patches, image_numel,
+            streams, hidden_acts, y, logdet, row_index, x if copy_to is None else copy_to,
+            n_rows, weights.n_res, weights.n_mid, streams.shape[0], hidden_acts.shape[0], num_patches, image_numel,
             ACCUMULATE=accumulate,
             **_half_step_constants(dim, weights, inverse, gather, scatter, copy_to is not None, acc, compute, tiles),
         )
 
     def trial(tiles):
-        scratch = [torch.empty_like(t) for t in (streams, hidden, y, logdet)]
+        scratch = [torch.empty_like(t) for t in (streams, hidden_acts, y, logdet)]
         launch(tiles, *scratch, copy_to=None if copy_to is None else torch.empty_like(copy_to))
 
     candidates = tile_candidates(n_rows, dim, weights.hidden_width, compute, weights.w_last.dtype)
@@ -126,7 +126,7 @@ def coupling_half_step_forward(
             dtype); the weights' by default.
     Returns:
         ``y (N, D)``, ``logdet (N,)`` (float64 for float64 x, else float32), and the
-        activations ``streams (n_res + 1, 2, N, D)``, ``hidden (n_res * n_mlp, 2, N, H)`` in the
+        activations ``streams (n_res + 1, 2, N, D)``, ``hidden_acts (n_res * n_mlp, 2, N, H)`` in the
         compute dtype (fewer slots, reused, without ``save``).
     """
     n_rows, dim = x.shape
@@ -135,10 +135,10 @@ def coupling_half_step_forward(
     y = empty((n_rows, dim), dtype=x.dtype, device=x.device)
     logdet = empty((n_rows,), dtype=accumulator_dtype(x.dtype), device=x.device)
     streams = empty(stream_shape, dtype=compute, device=x.device)
-    hidden = empty(hidden_shape, dtype=compute, device=x.device)
+    hidden_acts = empty(hidden_shape, dtype=compute, device=x.device)
     if n_rows > 0:
-        launch_forward(x, mask, s_scale, t_scale, weights, inverse, streams, hidden, y, logdet)
-    return y, logdet, streams, hidden
+        launch_forward(x, mask, s_scale, t_scale, weights, inverse, streams, hidden_acts, y, logdet)
+    return y, logdet, streams, hidden_acts
 
 
 
@@ -163,8 +163,8 @@ class PartialLayout(NamedTuple):
 
 
 def partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> PartialLayout:
-    n_res, n_mid, n_mlp, hidden = weights.n_res, weights.n_mid, weights.n_mlp, weights.hidden_width
-    sizes = (dim, dim, n_res * 2 * dim if n_mlp else 0, n_mid * n_res * 2 * hidden, n_res * 2 * (hidden if n_mlp else dim))
+    n_res, n_mid, n_mlp, hidden_acts = weights.n_res, weights.n_mid, weights.n_mlp, weights.hidden_width
+    sizes = (dim, dim, n_res * 2 * dim if n_mlp else 0, n_mid * n_res * 2 * hidden_acts, n_res * 2 * (hidden_acts if n_mlp else dim))
     starts, start = [], 0
     for size in sizes:
         starts.append(start)
@@ -174,7 +174,7 @@ def partial_layout(dim: int, weights: HalfStepWeights, pairs: int = 1) -> Partia
 
 def backward_tiles(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                    s_scale: torch.Tensor, t_scale: torch.Tensor, weights: HalfStepWeights, inverse: bool,
-                   streams: torch.Tensor, hidden: torch.Tensor, grad_x: torch.Tensor, layout: PartialLayout, n_rows: int,
+                   streams: torch.Tensor, hidden_acts: torch.Tensor, grad_x: torch.Tensor, layout: PartialLayout, n_rows: int,
                    patches: Optional[PatchTable] = None, gather: bool = False, scatter: bool = False,
                    copy_to: Optional[torch.Tensor] = None) -> tuple:
     """``(tiles, candidates)`` of :func:`coupling_half_step_bwd_kernel` (:func:`choose_tiles`,
@@ -184,8 +184,8 @@ def backward_tiles(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Ten
 
     def trial(tiles):
         partial = torch.empty((triton.cdiv(n_rows, tiles.block_rows), layout.width), dtype=acc, device=x.device)
-        scratch = [torch.empty_like(t) for t in (streams, hidden, grad_x)]
-        launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden, *scratch,
+        scratch = [torch.empty_like(t) for t in (streams, hidden_acts, grad_x)]
+        launch_backward(grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden_acts, *scratch,
                          partial, layout.offsets(0), n_rows, tiles, (tiles,), patches, gather, scatter,
                          None if copy_to is None else torch.empty_like(copy_to))
 
@@ -195,7 +195,7 @@ def backward_tiles(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Ten
 
 def launch_backward(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                     s_scale: torch.Tensor, t_scale: torch.Tensor, weights: HalfStepWeights, inverse: bool,
-                    streams: torch.Tensor, hidden: torch.Tensor, grad_streams: torch.Tensor, grad_hidden: torch.Tensor,
+                    streams: torch.Tensor, hidden_acts: torch.Tensor, grad_streams: torch.Tensor, grad_hidden: torch.Tensor,
                     grad_x: torch.Tensor, partial: torch.Tensor, partial_offsets: tuple[int, ...], n_rows: int,
                     tiles: TileConfig, candidates: tuple, patches: Optional[PatchTable] = None, gather: bool = False,
                     scatter: bool = False, copy_to: Optional[torch.Tensor] = None) -> None:
@@ -217,7 +217,7 @@ def launch_backward(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Te
             (partial.shape[0],),
             grad_y, grad_logdet, x, mask, s_scale, t_scale,
             w.w_first, w.slope_first, w.w_mid, w.slope_mid, w.w_last, w.slope_last,
-            streams, hidden, grad_streams, grad_hidden, grad_x, partial, row_index, grad_y if copy_to is None else copy_to,
+            streams, hidden_acts, grad_streams, grad_hidden, grad_x, partial, row_index, grad_y if copy_to is None else copy_to,
             n_rows, weights.n_res, weights.n_mid, partial.stride(0), *partial_offsets,
             num_patches, image_numel, grad_logdet.stride(0),
             **_half_step_constants(dim, weights, inverse, gather, scatter, copy_to is not None, acc, compute, tiles),
@@ -226,7 +226,7 @@ def launch_backward(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Te
     launch_with_candidates(launch, tiles, candidates)
 
 
-def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams: torch.Tensor, hidden: torch.Tensor,
+def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, streams: torch.Tensor, hidden_acts: torch.Tensor,
                         grad_streams: torch.Tensor, grad_hidden: torch.Tensor, n_rows: int, acc: torch.dtype,
                         accumulate: bool = False) -> None:
     """The weight and bias gradients of every kind of linear into ``grads`` (one launch per kind,
@@ -269,12 +269,12 @@ def launch_weight_grads(weights: HalfStepWeights, grads: HalfStepWeights, stream
     if n_mlp:
         kind(streams, grad_hidden, weights.w_first, weights.slope_first, grads.w_first, grads.b_first,
              1, 0, n_mlp, 0, dim, hidden_width)
-        kind(hidden, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last,
+        kind(hidden_acts, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last,
              n_mlp, n_mlp - 1, 1, 1, hidden_width, dim)
     else:
         kind(streams, grad_streams, weights.w_last, weights.slope_last, grads.w_last, grads.b_last, 1, 0, 1, 1, dim, dim)
     if weights.n_mid:
-        kind(hidden, grad_hidden, weights.w_mid, weights.slope_mid, grads.w_mid, grads.b_mid,
+        kind(hidden_acts, grad_hidden, weights.w_mid, weights.slope_mid, grads.w_mid, grads.b_mid,
              n_mlp, 0, n_mlp, 1, hidden_width, hidden_width)
 
 
@@ -290,7 +290,7 @@ def coupling_half_step_backward(
     weights: HalfStepWeights,
     inverse: bool,
     streams: torch.Tensor,
-    hidden: torch.Tensor,
+    hidden_acts: torch.Tensor,
     empty: Callable[..., torch.Tensor] = torch.empty,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HalfStepWeights]:
     """Gradients of :func:`coupling_half_step_forward` (run with ``save=True``); the compute
@@ -309,16 +309,16 @@ def coupling_half_step_backward(
     compute = streams.dtype
     layout = partial_layout(dim, weights)
     grad_x = empty((n_rows, dim), dtype=x.dtype, device=x.device)
-    args = (grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden)
+    args = (grad_y, grad_logdet, x, mask, s_scale, t_scale, weights, inverse, streams, hidden_acts)
     tiles, candidates = backward_tiles(*args, grad_x, layout, n_rows) if n_rows > 0 else (None, ())
     programs = max(1, triton.cdiv(n_rows, tiles.block_rows)) if n_rows > 0 else 1
     partial = (torch.zeros if n_rows == 0 else empty)((programs, layout.width), dtype=acc, device=x.device)
     grad_streams = empty(streams.shape, dtype=compute, device=x.device)
-    grad_hidden = empty(hidden.shape, dtype=compute, device=x.device)
+    grad_hidden = empty(hidden_acts.shape, dtype=compute, device=x.device)
     grads = weights.grad_buffers(empty, x.device)
     if n_rows > 0:
         launch_backward(*args, grad_streams, grad_hidden, grad_x, partial, layout.offsets(0), n_rows, tiles, candidates)
-        launch_weight_grads(weights, grads, streams, hidden, grad_streams, grad_hidden, n_rows, acc)
+        launch_weight_grads(weights, grads, streams, hidden_acts, grad_streams, grad_hidden, n_rows, acc)
     else:
         grads = HalfStepWeights(*(None if g is None else g.zero_() for g in grads))
     grad_s, grad_t, first, mid, last = (part[0] for part in layout.split(partial.sum(dim=0), 1))

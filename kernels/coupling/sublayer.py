@@ -32,7 +32,7 @@ def half_step_order(pairs: int, shared: bool, inverse: bool) -> list:
 
 def sublayer_buffer_shapes(batch: int, row_index_shape: Sequence[int], pairs: int, weights: HalfStepWeights, shared: bool,
                            keep_rows: bool, keep_activations: bool) -> tuple[tuple, tuple, tuple]:
-    """Shapes of the ``rows``, ``streams`` and ``hidden`` buffers :func:`sublayer_couplings_forward` returns."""
+    """Shapes of the ``rows``, ``streams`` and ``hidden_acts`` buffers :func:`sublayer_couplings_forward` returns."""
     num_patches, dim = row_index_shape
     n_rows = batch * num_patches
     steps = 2 * (pairs if shared else pairs // 2)
@@ -75,7 +75,7 @@ def sublayer_couplings_forward(
     Returns:
         ``out`` (images), ``logdet (B,)`` (float64 for float64 images, else float32), ``rows``
         ``(half-steps - 1, B*P, D)`` (input of half-step ``j + 1`` in run order at ``j``),
-        ``streams`` and ``hidden``: :func:`activation_shapes` with a leading half-step dimension.
+        ``streams`` and ``hidden_acts``: :func:`activation_shapes` with a leading half-step dimension.
     """
     batch = images.shape[0]
     num_patches, dim = row_index.shape
@@ -87,12 +87,12 @@ def sublayer_couplings_forward(
     rows_shape, stream_shape, hidden_shape = sublayer_buffer_shapes(batch, row_index.shape, pairs, weights, shared,
                                                                     keep_rows, keep_activations)
     streams = empty(stream_shape, dtype=compute, device=images.device)
-    hidden = empty(hidden_shape, dtype=compute, device=images.device)
+    hidden_acts = empty(hidden_shape, dtype=compute, device=images.device)
     rows = empty(rows_shape, dtype=images.dtype, device=images.device)
     out = empty(images.shape, dtype=images.dtype, device=images.device)
     logdet = empty((n_rows,), dtype=acc, device=images.device)
     if n_rows == 0:
-        return out.copy_(images), logdet.new_zeros((batch,)), rows, streams, hidden
+        return out.copy_(images), logdet.new_zeros((batch,)), rows, streams, hidden_acts
     patches = PatchTable(row_index, num_patches, images[0].numel())
     covers_all = num_patches * dim == patches.image_numel  # the patches of a sublayer never overlap
     masks = (mask, flipped_mask)
@@ -102,9 +102,9 @@ def sublayer_couplings_forward(
         y = out if j == last else rows[j % rows.shape[0]]
         slot = j if keep_activations else 0
         launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair), inverse,
-                        streams[slot], hidden[slot], y, logdet, patches, gather=j == 0, scatter=j == last,
+                        streams[slot], hidden_acts[slot], y, logdet, patches, gather=j == 0, scatter=j == last,
                         accumulate=j > 0, copy_to=out if j == 0 and not covers_all else None)
-    return out, logdet.view(batch, num_patches).sum(dim=1), rows, streams, hidden
+    return out, logdet.view(batch, num_patches).sum(dim=1), rows, streams, hidden_acts
 
 
 def sublayer_couplings_backward(
@@ -121,7 +121,7 @@ def sublayer_couplings_backward(
     inverse: bool,
     rows: torch.Tensor,
     streams: torch.Tensor,
-    hidden: torch.Tensor,
+    hidden_acts: torch.Tensor,
     recompute: bool,
     grad_images_needed: bool = True,
     empty: Callable[..., torch.Tensor] = torch.empty,
@@ -159,7 +159,7 @@ def sublayer_couplings_backward(
     grad_hidden = empty(hidden_shape, dtype=compute, device=images.device)
     grads = weights.grad_buffers(empty, images.device)
     if recompute:
-        streams, hidden = empty((1,) + stream_shape, dtype=compute, device=images.device), empty(
+        streams, hidden_acts = empty((1,) + stream_shape, dtype=compute, device=images.device), empty(
             (1,) + hidden_shape, dtype=compute, device=images.device)
         scratch_rows = empty((n_rows, dim), dtype=images.dtype, device=images.device)
         scratch_logdet = empty((n_rows,), dtype=acc, device=images.device)
@@ -174,7 +174,7 @@ def sublayer_couplings_backward(
         pair, flipped, _ = order[last]
         tiles, candidates = backward_tiles(
             grad_out, grad_logdet, rows[last - 1], masks[flipped], s_scale[pair], t_scale[pair], pair_weights(weights, pair),
-            inverse, streams[0 if recompute else last], hidden[0 if recompute else last], grad_rows[0], layout, n_rows,
+            inverse, streams[0 if recompute else last], hidden_acts[0 if recompute else last], grad_rows[0], layout, n_rows,
             patches, scatter=True, copy_to=grad_images if copy_through else None)
         programs = triton.cdiv(n_rows, tiles.block_rows)
     partial = (torch.zeros if n_rows == 0 else empty)((uses * programs, layout.width), dtype=acc, device=images.device)
@@ -185,16 +185,16 @@ def sublayer_couplings_backward(
         x = images if j == 0 else rows[j - 1]
         slot = 0 if recompute else j
         if recompute:
-            launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse, streams[0], hidden[0],
+            launch_forward(x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse, streams[0], hidden_acts[0],
                             scratch_rows, scratch_logdet, patches, gather=j == 0)
         grad_y = grad_out if j == last else grad_rows[j % grad_rows.shape[0]]
         grad_x = grad_images if j == 0 else grad_rows[(j - 1) % grad_rows.shape[0]]
         launch_backward(grad_y, grad_logdet, x, masks[flipped], s_scale[pair], t_scale[pair], step_weights, inverse,
-                         streams[slot], hidden[slot], grad_streams, grad_hidden, grad_x,
+                         streams[slot], hidden_acts[slot], grad_streams, grad_hidden, grad_x,
                          partial[use * programs:(use + 1) * programs], layout.offsets(pair), n_rows, tiles, candidates,
                          patches, gather=j == 0, scatter=j == last,
                          copy_to=grad_images if j == last and copy_through else None)
-        launch_weight_grads(step_weights, pair_weights(grads, pair), streams[slot], hidden[slot], grad_streams,
+        launch_weight_grads(step_weights, pair_weights(grads, pair), streams[slot], hidden_acts[slot], grad_streams,
                              grad_hidden, n_rows, acc, accumulate=pair in used)
         used.add(pair)
     if n_rows == 0:
