@@ -18,6 +18,8 @@ from rgkern.kernels.launch import GPU_TILE_ELEMENTS, gpu_block_sizes, launch_ker
 
 from utils import random_images, tiny_model
 
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]  # pyproject.toml registers the markers: -m "not slow" and the like select by them
+
 INTERPRETED = launch_helpers.interpreter_requested()
 KERNEL_MODULES = [
     "rgkern.kernels.patches",

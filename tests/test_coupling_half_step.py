@@ -31,6 +31,8 @@ from rgkern.tools.profile import count_work, saved_activation_bytes
 
 from utils import random_scales
 
+pytestmark = pytest.mark.interpreter  # pyproject.toml registers the markers: -m "not slow" and the like select by them
+
 
 def relative_error(actual, expected) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()

@@ -19,6 +19,8 @@ from rgkern.tools.presets import make_config
 from rgkern.tools.train import CHECKPOINT_NAME, train
 from rgkern.tools.trainer import batch_indices
 
+pytestmark = pytest.mark.slow  # pyproject.toml registers the markers: -m "not slow" and the like select by them
+
 STEPS = 4
 
 

@@ -27,6 +27,8 @@ from rgkern.kernels.runtime import interpreter_requested
 
 from utils import random_scales
 
+pytestmark = pytest.mark.interpreter  # pyproject.toml registers the markers: -m "not slow" and the like select by them
+
 HAS_CUDA = torch.cuda.is_available()
 
 # Relative tolerances of results that go through exp/tanh (data movement must be exact).

@@ -64,7 +64,11 @@ def test_sampling_before_training_leaves_geometry_usable_by_autograd():
     rgkern.get_geometry.cache_clear()  # a fresh geometry: its tables get built inside inference mode
     model = tiny_model(16, 2, 4)
     model.sample(1)
-    model.log_prob(random_images(model)).sum().backward()
+    model.log_prob(random_images(model)).sum().backward()  # raised "Inference tensors cannot be saved for backward"
+    grads = [p.grad for p in model.parameters() if p.numel()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert not model.geometry.row_index(0).is_inference()
 
 
 def test_sample_at_temperature_zero_is_decode_of_zero():
