@@ -1,4 +1,4 @@
-"""Reliability (issue 16), corrupt and foreign checkpoints: each refused with one clear line.
+"""Reliability, corrupt and foreign checkpoints: each refused with one clear line.
 
 Every case asserts its outcome: exit code 2 with one line ``rgkern <command>: error: ...``
 naming the file, and the file left alone; or a correct load. The shared run folder and the

@@ -1,4 +1,4 @@
-"""Reliability (issue 16), bad command lines: exit code 2 with one line ``rgkern <command>: error: ...``.
+"""Reliability, bad command lines: exit code 2 with one line ``rgkern <command>: error: ...``.
 
 Every case asserts its outcome: one line on stderr and no traceback, and nothing written.
 Also the errors that were unclear and are now clear, and ``--no-progress``. The shared run

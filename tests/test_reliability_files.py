@@ -1,4 +1,4 @@
-"""Reliability (issue 16), files: kill -9 during writes, one run per folder, atomic writes, modes, orphans, full disks.
+"""Reliability, files: kill -9 during writes, one run per folder, atomic writes, modes, orphans, full disks.
 
 Every case asserts its outcome: the previous file intact, a second run refused, nothing
 left behind. Kills are real (``SIGKILL`` of a subprocess paused inside a write); a full or

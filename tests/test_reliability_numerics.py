@@ -1,4 +1,4 @@
-"""Reliability (issue 16), numerics and API input: no silent NaN, no overflow, clear errors for bad values.
+"""Reliability, numerics and API input: no silent NaN, no overflow, clear errors for bad values.
 
 Every case asserts its outcome: a clear exception, a correct result, or nothing written.
 The shared run folder, the trained model and the helpers are in ``conftest.py`` and ``utils.py``.
