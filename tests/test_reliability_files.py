@@ -215,6 +215,18 @@ def test_inpaint_writes_its_files_atomically(run_folder, tmp_path, image_folder,
     assert contents(out)["inpaint.json"] == before["inpaint.json"] and dot_files(out) == []
 
 
+@pytest.mark.parametrize("bad", [["--batch-size", "100000"], ["--n-layers", "1,1"], ["--sample-temperatures", "1e5"],
+                                 ["--data", "folder", "--data-root", "/no/such/folder"]],
+                         ids=["batch-larger-than-data", "n-layers-entries", "temperature", "data-root"])
+def test_a_refused_overwrite_leaves_the_run_as_it_was(bad, run_copy, capsys):
+    """train --overwrite removed the old checkpoint, document and history before it checked its
+    arguments, data and model: a typo lost the run."""
+    before = contents(run_copy)
+    code, _, err = run(TRAIN + ["--out", run_copy, "--overwrite", "--steps", "2"] + bad, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert contents(run_copy) == before
+
+
 def test_orphans_of_older_versions_are_removed_at_the_next_start(run_copy, capsys):
     for name in (".model.safetensors.k3j4h5g6.tmp", ".model.json.a1b2c3d4.tmp", ".write-test.zz11yy22"):
         (run_copy / name).write_bytes(b"x" * 1000)

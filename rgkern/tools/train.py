@@ -196,10 +196,6 @@ def _train_in_folder(config, out, resume, overwrite, progress, log, time_limit, 
         raise InputFileExistsError(
             f"{str(out)!r} already holds a checkpoint; resume it (--resume), start over (--overwrite) or choose another folder"
         )
-    dist_utils.barrier(context)  # every process has looked before rank 0 removes anything
-    if overwrite and main:
-        for name in (CHECKPOINT_NAME, Path(CHECKPOINT_NAME).with_suffix(".json").name, HISTORY_NAME):
-            (out / name).unlink(missing_ok=True)
     preset = PRESETS.get(config.preset or "", {})
     if preset.get("description"):
         log(f"preset {config.preset!r}: {preset['description']}")
@@ -216,6 +212,12 @@ def _train_in_folder(config, out, resume, overwrite, progress, log, time_limit, 
         model.temperature_map(temperature, device="cpu")
     check_inputs = model.check_inputs
     trainer = Trainer(model, train_images, test_images, config, out, log=log, distributed=context)
+    # --overwrite removes the old run only now, once the data, the model and the trainer's
+    # settings are all checked: a refused command leaves the run as it was.
+    dist_utils.barrier(context)  # every process has looked and checked before rank 0 removes anything
+    if overwrite and main:
+        for name in (CHECKPOINT_NAME, Path(CHECKPOINT_NAME).with_suffix(".json").name, HISTORY_NAME):
+            (out / name).unlink(missing_ok=True)
     try:
         if resume:
             trainer.resume()
