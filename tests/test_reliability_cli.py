@@ -65,6 +65,7 @@ BAD_ARGUMENTS = [
     pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "RUN/model.safetensors"], "receptive-fields", ["--out takes a file name ending in .png"], id="rf-over-checkpoint"),
     pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--hist-out", "RUN/model.json"], "receptive-fields", ["--hist-out takes a file name ending in .png"], id="rf-hist-over-document"),
     pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--hist-out", "OUT/r.png"], "receptive-fields", ["--hist-out and --out name the same file"], id="rf-same-file"),
+    pytest.param(["receptive-fields", "--checkpoint", "RUN", "--out", "OUT/r.png", "--per-level", "100000"], "receptive-fields", ["--per-level 100000", "at most 64 fields per level"], id="rf-per-level-huge"),
     pytest.param(["traverse", "--checkpoint", "RUN", "--out", "OUT/t.jpg"], "traverse", ["--out takes a file name ending in .png", "t.jpg"], id="traverse-jpg"),
     pytest.param(["scale-mix", "--checkpoint", "RUN", "--out", "OUT/m.txt"], "scale-mix", ["--out takes"], id="scale-mix-txt"),
     pytest.param(["progressive", "--checkpoint", "RUN", "--out", "OUT/p.png", "--gif", "OUT/p.png"], "progressive", ["--gif takes a file name ending in .gif"], id="progressive-gif-png"),

@@ -117,6 +117,10 @@ def _save_gif(images: torch.Tensor, labels, args) -> Path:
     return path
 
 
+#: The most receptive fields ``receptive-fields`` draws per level in its picture.
+MAX_FIELDS_SHOWN_PER_LEVEL = 64
+
+
 def _hist_out(args) -> Path:
     """Where ``receptive-fields`` writes its histogram: ``--hist-out``, or OUT with -hist before .png."""
     return Path(args.hist_out) if args.hist_out else Path(args.out).with_name(Path(args.out).stem + "-hist.png")
@@ -147,6 +151,12 @@ def _check_outputs(args) -> None:
 
 def run_receptive_fields(args: argparse.Namespace) -> int:
     _check_outputs(args)
+    if args.per_level > MAX_FIELDS_SHOWN_PER_LEVEL:
+        raise InputError(
+            f"--per-level {args.per_level}: the picture shows at most {MAX_FIELDS_SHOWN_PER_LEVEL} fields per level "
+            "(a larger count makes a picture no one can read, after a long wait); the histogram counts every latent "
+            "by default (--hist-per-level 0)"
+        )
     model, generator = _load(args)
     z = _inputs(args, model, generator, args.num)
     shown = receptive_fields_per_level(model, args.per_level, z=z, generator=generator, progress=not args.no_progress)
@@ -254,7 +264,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "max 1, as a grid (OUT), and histograms of the strengths of all latents per level (--hist-out).",
     )
     _options(p, 8, "average over these test images (e.g. msds1) instead of prior samples")
-    p.add_argument("--per-level", type=positive_int, default=8, help="fields shown per level (default 8)")
+    p.add_argument("--per-level", type=positive_int, default=8, help="fields shown per level (default 8, at most 64)")
     p.add_argument("--hist-out", default=None, help="histogram PNG (default: OUT with -hist before .png)")
     p.add_argument("--hist-per-level", type=nonnegative_int, default=0, help="latents per level in the histogram (default 0 = all)")
     p.set_defaults(func=run_receptive_fields)
