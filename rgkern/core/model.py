@@ -18,12 +18,12 @@ from torch import nn
 
 from . import ops
 from .errors import InputError, InputTypeError
-from .geometry import get_geometry
+from .geometry import check_image_size, get_geometry
 from .networks import INITS
 from .priors import make_prior
 from .sublayer import Sublayer
 
-__all__ = ["RGFlow", "VARIANTS", "INITS", "DEFAULT_INIT", "default_n_layers"]
+__all__ = ["RGFlow", "VARIANTS", "INITS", "DEFAULT_INIT", "default_n_layers", "weight_count"]
 
 #: Model variants (docs/design.md section 8). "paper": eq. 6-9 of the paper, the disentangler of a
 #: level before its decimator, and each coupling half-step with its own (s, t) networks.
@@ -62,6 +62,36 @@ def _per_level(name: str, value: int | Sequence[int], num_levels: int) -> tuple[
 def default_n_layers(num_levels: int) -> tuple[int, ...]:
     """The paper's ``(8, 6, 4, 2)`` blocks per level for H = 4, continued with 2 above."""
     return tuple(max(2, 8 - 2 * h) for h in range(num_levels))
+
+
+def weight_count(config: dict) -> int:
+    """The number of weights ``RGFlow(**config)`` holds, from its config alone (nothing allocated).
+
+    ``config`` as :attr:`RGFlow.config`. Per sublayer and pair of networks, each of the two
+    networks' residual blocks holds per linear ``w_in`` slopes, ``w_out * w_in`` directions,
+    ``w_out`` magnitudes and ``w_out`` biases (widths ``D, hidden, ..., hidden, D``), and the
+    pair its ``2 * D`` output scales; a level has two sublayers of ``2 * n_layers`` pairs
+    (``n_layers`` in variant "authors"). Raises the constructor's errors for a config it refuses.
+    """
+    image_size, kernel_size, channels = config.get("image_size"), config.get("kernel_size"), config.get("channels")
+    H = check_image_size(image_size, kernel_size)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise InputTypeError(f"channels must be a positive int, got {channels!r}")
+    variant = config.get("variant", "paper")
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    D = channels * kernel_size * kernel_size
+    n_layers = _per_level("n_layers", config.get("n_layers", default_n_layers(H)), H)
+    hidden = _per_level("hidden", config.get("hidden", 512), H)
+    n_res = _per_level("n_res", config.get("n_res", 4), H)
+    n_mlp = _per_level("n_mlp", config.get("n_mlp", 2), H)
+    total = 0
+    for h in range(H):
+        widths = [D] + [hidden[h]] * n_mlp[h] + [D]
+        per_block = sum(w_in + w_out * w_in + 2 * w_out for w_in, w_out in zip(widths[:-1], widths[1:]))
+        pairs = n_layers[h] * (2 if variant == "paper" else 1)
+        total += 2 * pairs * (n_res[h] * 2 * per_block + 2 * D)
+    return total
 
 
 class RGFlow(nn.Module):

@@ -349,6 +349,44 @@ def _with_defaults(config: dict) -> dict:
     return full
 
 
+#: Weights a checkpoint's config may name beyond twice those its file holds (see _check_config_size).
+ALLOCATION_SLACK = 2**20
+#: The largest image size a checkpoint's config may name: the geometry's index tables grow with
+#: ``L**2`` and are built with the model (the paper's models are 32 and 64).
+MAX_CHECKPOINT_IMAGE_SIZE = 1024
+
+
+def _check_config_size(path: Path, config: dict, state: dict) -> None:
+    """Refuse, before anything is built, a config whose model does not hold the file's weights.
+
+    A small file whose document names a huge model (hidden 4,194,304, image_size 2**18, ...)
+    would otherwise allocate that model before any tensor shape is compared.
+    """
+    from ..core.model import weight_count
+
+    image_size = config.get("image_size")
+    if isinstance(image_size, int) and image_size > MAX_CHECKPOINT_IMAGE_SIZE:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has image_size {image_size}, above the {MAX_CHECKPOINT_IMAGE_SIZE} rgkern loads "
+            "(its index tables alone would take gigabytes)"
+        )
+    if is_legacy_state_dict(state):
+        return  # format 1: another layout, checked tensor by tensor when converted
+    try:
+        expected = weight_count(config)
+    except (InputError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config ({error})") from None
+    held = sum(tensor.numel() for tensor in state.values())
+    # Building the model to compare shapes (the detailed message) costs its weights: allowed up
+    # to a small multiple of what the file holds, refused beyond, so that a document cannot make
+    # rgkern allocate far more than the file it came in.
+    if expected > 2 * held + ALLOCATION_SLACK:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its model config names a model of {expected:,} weights, but the file holds "
+            f"{held:,}; the config and the tensors disagree (a damaged or edited document), so no model is built"
+        )
+
+
 def _build_model(path: Path, config: dict) -> RGFlow:
     from ..core.model import RGFlow
 
@@ -413,6 +451,7 @@ def load_checkpoint(path: str | os.PathLike, model: RGFlow | None = None, optimi
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     built = model is None
     if built:
+        _check_config_size(path, config, state)
         model = _build_model(path, config).to(map_location)
         # In the dtype it was saved in: a float64 run's model comes back float64.
         dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
