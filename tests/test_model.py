@@ -294,3 +294,16 @@ def test_temperature_map_defaults_to_the_model_device():
 def test_public_api_of_design_section_6():
     for name in ("RGFlow", "IncrementalEncoder", "inpaint", "bits_per_dim", "preprocess", "postprocess"):
         assert callable(getattr(rgkern, name)), name
+
+
+@pytest.mark.parametrize("config", [
+    dict(image_size=8, channels=1, kernel_size=4, n_layers=1, hidden=8, n_res=2, n_mlp=1),
+    dict(image_size=16, channels=3, kernel_size=2, n_layers=(0, 1, 2, 1), hidden=(4, 5, 6, 3), n_res=(1, 2, 1, 1), n_mlp=(0, 1, 2, 3)),
+    dict(image_size=16, channels=3, kernel_size=4, n_layers=(2, 1, 1), hidden=8, n_res=2, n_mlp=2, variant="authors"),
+    dict(),  # the paper's model: 201,295,360 weights
+], ids=["small", "per-level", "authors", "paper"])
+def test_weight_count_of_a_config_is_the_models(config):
+    from rgkern.core.model import weight_count
+
+    model = rgkern.RGFlow(**config)
+    assert weight_count(model.config) == sum(p.numel() for p in model.parameters()) > 0
