@@ -129,6 +129,22 @@ def test_import_authors_onto_a_file_is_one_line(tmp_path, capsys):
     assert code == 0 and (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / LOCK_NAME).exists()
 
 
+def test_a_command_of_several_outputs_writes_them_under_their_folder_lock(held_folder, run_folder, tmp_path, capsys):
+    """Two progressive runs writing one PNG and GIF left the PNG of one and the GIF of the other;
+    a command with several outputs holds their folder's lock, so the second run is refused."""
+    folder, process = held_folder
+    before = contents(folder)
+    for argv, command in ((["progressive", "--out", folder / "p.png", "--gif", folder / "p.gif"], "progressive"),
+                          (["receptive-fields", "--out", folder / "rf.png", "--num", "2"], "receptive-fields")):
+        result = run(argv + ["--checkpoint", run_folder, "--no-progress"], capsys)
+        assert_one_line_error(result, command, "is in use by", f"process {process.pid} ")
+    assert contents(folder) == before
+    free = tmp_path / "pictures"
+    code, _, _ = run(["progressive", "--checkpoint", run_folder, "--out", free / "p.png", "--gif", free / "p.gif", "--num", "2",
+                      "--no-progress"], capsys)
+    assert code == 0 and sorted(p.name for p in free.iterdir()) == ["p.gif", "p.png"]  # no lock left behind
+
+
 def test_the_lock_api(held_folder, tmp_path):
     folder, process = held_folder
     with pytest.raises(RunFolderBusyError) as error:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -126,6 +129,31 @@ def _hist_out(args) -> Path:
     return Path(args.hist_out) if args.hist_out else Path(args.out).with_name(Path(args.out).stem + "-hist.png")
 
 
+def _outputs(args: argparse.Namespace) -> list:
+    """``(option, path, suffix)`` of every file the command writes."""
+    outputs = [("--out", Path(args.out), ".png")]
+    if hasattr(args, "hist_per_level"):  # receptive-fields: the histogram beside the picture
+        outputs.append(("--hist-out", _hist_out(args), ".png"))
+    if getattr(args, "gif", None) is not None:
+        outputs.append(("--gif", Path(args.gif), ".gif"))
+    return outputs
+
+
+@contextlib.contextmanager
+def _several_outputs_locked(args: argparse.Namespace) -> Iterator[None]:
+    """With two or more outputs, hold the lock of each of their folders (in one order) for the
+    command: two runs writing the same files cannot leave a picture of one beside a GIF of
+    the other, and no run writes into a run folder another command holds."""
+    from ..tools.files import run_lock
+
+    folders = sorted({os.path.realpath(path.parent) for _, path, _ in _outputs(args)})
+    with contextlib.ExitStack() as held:
+        if len(_outputs(args)) > 1:
+            for folder in folders:
+                held.enter_context(run_lock(folder))
+        yield
+
+
 def _check_outputs(args) -> None:
     """Check every file the command will write, before any work: each name ends as what is
     written there (PNG pictures, a GIF), no two name one file (the second would replace the
@@ -133,13 +161,8 @@ def _check_outputs(args) -> None:
     ``.json``) is never a picture's name, so no picture replaces one."""
     from ..tools.sampling import check_writable
 
-    outputs = [("--out", Path(args.out), ".png")]
-    if hasattr(args, "hist_per_level"):  # receptive-fields: the histogram beside the picture
-        outputs.append(("--hist-out", _hist_out(args), ".png"))
-    if getattr(args, "gif", None) is not None:
-        outputs.append(("--gif", Path(args.gif), ".gif"))
     seen = {}
-    for option, path, suffix in outputs:
+    for option, path, suffix in _outputs(args):
         if path.suffix.lower() != suffix:
             raise InputError(f"{option} takes a file name ending in {suffix} (it writes {suffix[1:].upper()}), got {str(path)!r}")
         where = path.resolve()
@@ -151,42 +174,44 @@ def _check_outputs(args) -> None:
 
 def run_receptive_fields(args: argparse.Namespace) -> int:
     _check_outputs(args)
-    if args.per_level > MAX_FIELDS_SHOWN_PER_LEVEL:
-        raise InputError(
-            f"--per-level {args.per_level}: the picture shows at most {MAX_FIELDS_SHOWN_PER_LEVEL} fields per level "
-            "(a larger count makes a picture no one can read, after a long wait); the histogram counts every latent "
-            "by default (--hist-per-level 0)"
-        )
-    model, generator = _load(args)
-    z = _inputs(args, model, generator, args.num)
-    shown = receptive_fields_per_level(model, args.per_level, z=z, generator=generator, progress=not args.no_progress)
-    print(f"wrote {plot_receptive_fields(shown, args.out)}")
-    hist_out = _hist_out(args)
-    counted = None if args.hist_per_level == 0 else args.hist_per_level
-    histogram = receptive_fields_per_level(model, counted, z=z, generator=generator, progress=not args.no_progress)
-    print(f"wrote {plot_receptive_field_histograms(histogram, hist_out)}")
-    for result in histogram:
-        strengths = result.strengths
-        print(f"level {result.level}: {len(strengths)} latents, strength median {float(strengths.median()):.3g}, "
-              f"max {float(strengths.max()):.3g}")
-    return 0
+    with _several_outputs_locked(args):
+        if args.per_level > MAX_FIELDS_SHOWN_PER_LEVEL:
+            raise InputError(
+                f"--per-level {args.per_level}: the picture shows at most {MAX_FIELDS_SHOWN_PER_LEVEL} fields per level "
+                "(a larger count makes a picture no one can read, after a long wait); the histogram counts every latent "
+                "by default (--hist-per-level 0)"
+            )
+        model, generator = _load(args)
+        z = _inputs(args, model, generator, args.num)
+        shown = receptive_fields_per_level(model, args.per_level, z=z, generator=generator, progress=not args.no_progress)
+        print(f"wrote {plot_receptive_fields(shown, args.out)}")
+        hist_out = _hist_out(args)
+        counted = None if args.hist_per_level == 0 else args.hist_per_level
+        histogram = receptive_fields_per_level(model, counted, z=z, generator=generator, progress=not args.no_progress)
+        print(f"wrote {plot_receptive_field_histograms(histogram, hist_out)}")
+        for result in histogram:
+            strengths = result.strengths
+            print(f"level {result.level}: {len(strengths)} latents, strength median {float(strengths.median()):.3g}, "
+                  f"max {float(strengths.max()):.3g}")
+        return 0
 
 
 def run_traverse(args: argparse.Namespace) -> int:
     _check_outputs(args)
-    model, generator = _load(args)
-    level = check_level(model, model.num_levels - 1 if args.level is None else args.level)
-    channel = check_channel(model, args.channel)
-    z = as_latents(model, _inputs(args, model, generator, args.num))
-    position = tuple(args.position) if args.position else strongest_latent(model, level, z, channel)
-    values = args.values or list(DEFAULT_TRAVERSAL_VALUES)
-    images = traverse(model, z, level, position, channel, values)
-    which = "all channels" if channel is None else f"channel {channel}"
-    print(f"traversed the level-{level} latent at position {position}, {which}, values {values}")
-    _save_rows(images, args)
-    if args.gif is not None:
-        _save_gif(images, [f"level {level} latent {position}: {value:g}" for value in values], args)
-    return 0
+    with _several_outputs_locked(args):
+        model, generator = _load(args)
+        level = check_level(model, model.num_levels - 1 if args.level is None else args.level)
+        channel = check_channel(model, args.channel)
+        z = as_latents(model, _inputs(args, model, generator, args.num))
+        position = tuple(args.position) if args.position else strongest_latent(model, level, z, channel)
+        values = args.values or list(DEFAULT_TRAVERSAL_VALUES)
+        images = traverse(model, z, level, position, channel, values)
+        which = "all channels" if channel is None else f"channel {channel}"
+        print(f"traversed the level-{level} latent at position {position}, {which}, values {values}")
+        _save_rows(images, args)
+        if args.gif is not None:
+            _save_gif(images, [f"level {level} latent {position}: {value:g}" for value in values], args)
+        return 0
 
 
 def run_mix_temperature(args: argparse.Namespace) -> int:
@@ -216,18 +241,19 @@ def run_scale_mix(args: argparse.Namespace) -> int:
 
 def run_progressive(args: argparse.Namespace) -> int:
     _check_outputs(args)
-    model, generator = _load(args)
-    inputs = _inputs(args, model, generator, args.num)
-    columns = progressive_generation(model, inputs)
-    H = model.num_levels
-    labels = ["all latents 0"] + [f"levels >= {h} kept" for h in range(H - 1, 0, -1)] + ["all levels"]
-    if args.data:
-        columns = torch.cat([columns, as_model_space(model, inputs, "images")[:, None]], dim=1)
-        labels.append("original")
-    _save_rows(columns, args)
-    if args.gif is not None:
-        _save_gif(columns, labels, args)
-    return 0
+    with _several_outputs_locked(args):
+        model, generator = _load(args)
+        inputs = _inputs(args, model, generator, args.num)
+        columns = progressive_generation(model, inputs)
+        H = model.num_levels
+        labels = ["all latents 0"] + [f"levels >= {h} kept" for h in range(H - 1, 0, -1)] + ["all levels"]
+        if args.data:
+            columns = torch.cat([columns, as_model_space(model, inputs, "images")[:, None]], dim=1)
+            labels.append("original")
+        _save_rows(columns, args)
+        if args.gif is not None:
+            _save_gif(columns, labels, args)
+        return 0
 
 
 def _gif_options(parser: argparse.ArgumentParser, frames: str) -> None:
