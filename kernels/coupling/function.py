@@ -76,7 +76,7 @@ half_step_backward_op = Operator(
     [("grad_y", _TENSOR), ("grad_logdet", _TENSOR), ("x", _TENSOR), ("mask", _TENSOR), ("s_scale", _TENSOR),
      ("t_scale", _TENSOR), *_WEIGHTS, ("inverse", bool), ("streams", _TENSOR), ("hidden_acts", _TENSOR)],
     _GRADIENTS,
-    fake=lambda grad_y, grad_logdet, x, mask, s_scale, t_scale, *rest: _gradients_like(x, s_scale, t_scale, rest[:9]),
+    fake=lambda grad_y, grad_logdet, x, mask, s_scale, t_scale, *rest: _gradients_like(x, s_scale, t_scale, HalfStepWeights.split_arguments(rest)[0]),
 )
 
 
@@ -190,7 +190,7 @@ sublayer_backward_op = Operator(
      ("hidden_acts", _TENSOR), ("recompute", bool), ("grad_images_needed", bool)],
     _GRADIENTS,
     fake=lambda grad_out, grad_logdet, images, row_index, mask, flipped_mask, s_scale, t_scale, *rest:
-        _gradients_like(images, s_scale, t_scale, rest[:9]),
+        _gradients_like(images, s_scale, t_scale, HalfStepWeights.split_arguments(rest)[0]),
 )
 
 
