@@ -259,10 +259,12 @@ class RGFlow(nn.Module):
 
         With :attr:`check_inputs` (the default) a non-finite ``x``, and a finite ``x`` whose
         latents or log-det come out non-finite (values far outside the model's range), raise
-        ``ValueError``; each check is a host sync. Not under ``torch.compile``, which traces
-        no data-dependent check: a compiled model returns NaN for such input.
+        ``ValueError``: one host sync, on the outputs (a non-finite pixel of ``x`` leaves its
+        latent non-finite, so the input is looked at only when they are). Not under
+        ``torch.compile``, which traces no data-dependent check: a compiled model returns NaN for
+        such input.
         """
-        self.check_images(x, "x", check_finite=True)
+        self.check_images(x, "x", check_finite=False)
         backend = ops.resolve_backend(self.backend, x)
         z, logdet = x, None
         for sublayer in self.sublayers:
@@ -270,6 +272,7 @@ class RGFlow(nn.Module):
             logdet = ld if logdet is None else logdet + ld
         if self.check_inputs and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(z).all() & torch.isfinite(logdet).all()):
+                self.check_images(x, "x", check_finite=True)  # names a non-finite input as such
                 raise InputError(
                     f"x is finite but its latents or log-det are not (largest |x| = {float(x.abs().max()):.3g}): it lies "
                     "far outside the range the model was trained on; bring images into it with rgkern.preprocess"
